@@ -1,0 +1,205 @@
+"""CloudEvent types of the system: the contract between functions, clients and the UI.
+
+Every type name maps to one pydantic model for its `data` and to one NATS subject,
+`ollama.<type>` (tokens add the chat id: `ollama.chat.token.<chat_id>`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+SUBJECT_PREFIX = "ollama"
+DEAD_LETTER_PREFIX = f"{SUBJECT_PREFIX}.deadletter"
+EVENT_SOURCE = "ollama-autoscaler"
+
+# Model names as Ollama writes them: `llama3.1:8b`, `hf.co/org/repo:Q4_K_M`, `user/model:tag`.
+# Anything else (spaces, control characters, `..`, NATS wildcards) is refused at the edge.
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,199}$")
+CHAT_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+MAX_MESSAGES = 512
+MAX_PROMPT_CHARS = 200_000
+
+
+def _check_model(name: str) -> str:
+    if not MODEL_NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid model name {name!r}: use letters, digits and . _ - / : (at most 200 chars)"
+        )
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_check_model)]
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(_Data):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class ChatOptions(_Data):
+    num_ctx: int | None = Field(default=None, ge=16, le=1_048_576)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=131_072)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    seed: int | None = None
+    keep_alive_s: float | None = Field(default=None, ge=0)
+
+
+class ChatRequested(_Data):
+    chat_id: str
+    model: ModelName
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    options: ChatOptions = Field(default_factory=ChatOptions)
+    priority: int = Field(default=0, ge=-100, le=100)
+
+    @field_validator("chat_id")
+    @classmethod
+    def _chat_id(cls, v: str) -> str:
+        if not CHAT_ID_RE.match(v):
+            raise ValueError(f"invalid chat_id {v!r}: use 1-128 of A-Z a-z 0-9 _ -")
+        return v
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.content) for m in self.messages)
+
+
+class ChatToken(_Data):
+    chat_id: str
+    task_id: str
+    seq: int
+    text: str
+    attempt: int = 1  # a redelivered request restarts its stream with a higher attempt
+
+
+class ChatStats(_Data):
+    queue_ms: float
+    load_ms: float
+    ttft_ms: float
+    total_ms: float
+    tokens: int
+    tokens_per_s: float
+    node: str
+    model: str
+    attempt: int = 1
+
+
+class ChatCompleted(_Data):
+    chat_id: str
+    task_id: str
+    text: str
+    stats: ChatStats
+
+
+class ErrorInfo(_Data):
+    code: str
+    message: str
+
+
+class ChatFailed(_Data):
+    chat_id: str
+    task_id: str
+    error: ErrorInfo
+
+
+class ModelLoad(_Data):
+    model: ModelName
+    node: str | None = None
+    reason: str = "manual"
+    task_id: str | None = None
+
+
+class ModelLoaded(_Data):
+    model: str
+    node: str
+    bytes: int
+    load_ms: float
+
+
+class ModelEvict(_Data):
+    model: ModelName
+    node: str | None = None
+    reason: str = "manual"
+
+
+class ModelEvicted(_Data):
+    model: str
+    node: str
+    bytes_freed: int
+    reason: str = ""
+    evict_ms: float = 0.0
+
+
+class ModelPull(_Data):
+    model: ModelName
+    node: str | None = None
+
+
+class ModelPullProgress(_Data):
+    model: str
+    node: str | None = None
+    completed: int
+    total: int
+
+
+class ModelPulled(_Data):
+    model: str
+    node: str | None = None
+
+
+class FleetTick(_Data):
+    model_config = ConfigDict(extra="allow")
+
+
+class DeadLetter(_Data):
+    """What the dead-letter subject records: the reason and the original event, untouched."""
+
+    reason: str
+    consumer: str
+    event_type: str | None = None
+    event_id: str | None = None
+    subject: str
+    headers: dict[str, str]
+    body: str  # original bytes, decoded as UTF-8 with replacement
+    num_delivered: int = 1
+
+
+EVENT_DATA: dict[str, type[BaseModel]] = {
+    "chat.requested": ChatRequested,
+    "chat.token": ChatToken,
+    "chat.completed": ChatCompleted,
+    "chat.failed": ChatFailed,
+    "model.load": ModelLoad,
+    "model.loaded": ModelLoaded,
+    "model.evict": ModelEvict,
+    "model.evicted": ModelEvicted,
+    "model.pull": ModelPull,
+    "model.pull.progress": ModelPullProgress,
+    "model.pulled": ModelPulled,
+    "fleet.tick": FleetTick,
+}
+
+
+def subject_for(event_type: str, chat_id: str | None = None) -> str:
+    """The NATS subject an event of this type is published on."""
+    if event_type not in EVENT_DATA:
+        raise ValueError(f"unknown event type {event_type!r}; known: {sorted(EVENT_DATA)}")
+    if event_type == "chat.token":
+        if chat_id is None:
+            raise ValueError("chat.token events need a chat_id for their subject")
+        return f"{SUBJECT_PREFIX}.chat.token.{chat_id}"
+    return f"{SUBJECT_PREFIX}.{event_type}"
+
+
+def parse_data(event_type: str, data: Any) -> BaseModel:
+    """Validate `data` against the model of `event_type`; raises ValueError with the cause."""
+    model = EVENT_DATA.get(event_type)
+    if model is None:
+        raise ValueError(f"unknown event type {event_type!r}")
+    return model.model_validate(data)

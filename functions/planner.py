@@ -1,0 +1,203 @@
+"""The placement planner: where a model goes and which idle models make room. Pure, no I/O.
+
+The eviction set on a node is a minimum-cost subset of its evictable models whose bytes cover
+the shortfall (a covering knapsack), solved exactly by branch and bound with the LP
+(fractional) bound. Costs are integers so that "equal" means equal; ties are broken the same
+way by every policy and by the brute-force oracle in the tests:
+    (policy cost, number of victims, bytes freed, victim names).
+
+Policies:
+  fewest - the seed's rule: fewest models, then least bytes freed.
+  lru    - never evict a more recently used model when older ones would do
+           (cost 2**recency_rank, so one newer victim outweighs all older ones together).
+  cost   - default: expected reload cost = load time x probability of reuse within the
+           keep-alive horizon, from each model's decayed request rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .state import NodeRecord, decayed_rate
+
+Policy = Literal["fewest", "lru", "cost"]
+POLICIES: tuple[Policy, ...] = ("fewest", "lru", "cost")
+
+# Load-time model when a model has never been loaded on the node: fixed start + bytes/bandwidth.
+LOAD_FIXED_MS = 300.0
+LOAD_BYTES_PER_MS = 1.0e6  # 1 GB/s
+REUSE_HORIZON_S = 300.0
+HEARTBEAT_STALE_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An evictable resident model and what evicting it costs under the policy."""
+
+    name: str
+    bytes: int
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    node_id: str
+    model: str
+    bytes: int
+    evict: tuple[str, ...] = ()
+    cost: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """Nothing can be freed now; wait for an active model to finish."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The request can never be placed (bigger than every node); do not wait."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRequest:
+    model: str
+    bytes: int
+    reserved: frozenset[str] = field(default_factory=frozenset)  # needed by queued requests
+
+
+def estimate_load_ms(nbytes: int, measured_ms: float | None = None) -> float:
+    if measured_ms is not None:
+        return measured_ms
+    return LOAD_FIXED_MS + nbytes / LOAD_BYTES_PER_MS
+
+
+def evictable(node: NodeRecord, reserved: Iterable[str] = ()) -> list[str]:
+    """Ready, idle, not pinned, not needed by a queued request."""
+    res = set(reserved)
+    return sorted(name for name, s in node.models.items()
+                  if s.state == "ready" and not s.leases and not s.pinned and name not in res)
+
+
+def candidates(node: NodeRecord, policy: Policy, now: float,
+               reserved: Iterable[str] = ()) -> list[Candidate]:
+    names = evictable(node, reserved)
+    if policy == "fewest":
+        return [Candidate(n, node.models[n].bytes, 0) for n in names]
+    if policy == "lru":
+        by_age = sorted(names, key=lambda n: (node.models[n].last_used, n))
+        return [Candidate(n, node.models[n].bytes, 1 << rank) for rank, n in enumerate(by_age)]
+    if policy == "cost":
+        out = []
+        for n in names:
+            slot = node.models[n]
+            p_reuse = 1.0 - math.exp(-decayed_rate(slot, now) * REUSE_HORIZON_S)
+            load_ms = estimate_load_ms(slot.bytes, slot.load_ms)
+            out.append(Candidate(n, slot.bytes, round(load_ms * p_reuse * 1000)))
+        return out
+    raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+
+
+def _tie_key(chosen: Sequence[Candidate]) -> tuple[int, int, int, tuple[str, ...]]:
+    return (sum(c.cost for c in chosen), len(chosen), sum(c.bytes for c in chosen),
+            tuple(sorted(c.name for c in chosen)))
+
+
+def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidate, ...] | None:
+    """Exact minimum of (cost, count, bytes, names) over subsets with bytes >= shortfall.
+
+    Returns () when nothing is short, None when even all candidates do not cover it.
+    """
+    if shortfall <= 0:
+        return ()
+    useful = [c for c in cands if c.bytes > 0]
+    if sum(c.bytes for c in useful) < shortfall:
+        return None
+    n = len(useful)
+    total = sum(c.bytes for c in useful)
+    # Fold (cost, count, bytes) into one integer weight: lexicographic order is preserved
+    # because count <= n < n+1 and bytes <= total < total+1.
+    weight = [(c.cost * (n + 1) + 1) * (total + 1) + c.bytes for c in useful]
+    order = sorted(range(n), key=lambda i: (weight[i] / useful[i].bytes, useful[i].name))
+    items = [useful[i] for i in order]
+    w = [weight[i] for i in order]
+    b = [c.bytes for c in items]
+    suffix = [0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + b[i]
+
+    best_w: int | None = None
+    best_names: tuple[str, ...] = ()
+    best: list[int] = []
+    chosen: list[int] = []
+
+    def bound(k: int, need: int) -> float:
+        lb = 0.0
+        for i in range(k, n):
+            if b[i] >= need:
+                return lb + w[i] * (need / b[i])
+            lb += w[i]
+            need -= b[i]
+        return math.inf
+
+    def dfs(k: int, need: int, acc: int) -> None:
+        nonlocal best_w, best_names, best
+        if need <= 0:
+            names = tuple(sorted(items[i].name for i in chosen))
+            if best_w is None or acc < best_w or (acc == best_w and names < best_names):
+                best_w, best_names, best = acc, names, list(chosen)
+            return
+        if k == n or suffix[k] < need:
+            return
+        if best_w is not None and acc + bound(k, need) > best_w * (1 + 1e-12) + 1e-6:
+            return
+        chosen.append(k)
+        dfs(k + 1, need - b[k], acc + w[k])
+        chosen.pop()
+        dfs(k + 1, need, acc)
+
+    dfs(0, shortfall, 0)
+    return tuple(sorted((items[i] for i in best), key=lambda c: c.name))
+
+
+def node_is_live(node: NodeRecord, now: float) -> bool:
+    return now - node.heartbeat_at <= HEARTBEAT_STALE_S
+
+
+def plan(req: PlanRequest, nodes: Sequence[NodeRecord], now: float,
+         policy: Policy = "cost") -> Placement | Queue | Reject:
+    """Choose a node and a minimum-cost eviction set for `req`, or say why it must wait.
+
+    Never evicts a model that is loading, evicting, leased (active), pinned or reserved.
+    """
+    live = [n for n in nodes if node_is_live(n, now)]
+    if not live:
+        return Queue("no live node: no heartbeat within "
+                     f"{HEARTBEAT_STALE_S:.0f}s" if nodes else "no node registered yet")
+    if all(req.bytes > n.capacity_bytes for n in live):
+        biggest = max(n.capacity_bytes for n in live)
+        return Reject(f"{req.model} needs {req.bytes} bytes; the largest node has {biggest}")
+    best: tuple[tuple[int, int, int, int, str], Placement] | None = None
+    for node in live:
+        if req.model in node.models:
+            continue  # already loading/ready/evicting there: the caller waits on that slot
+        shortfall = req.bytes - node.free_bytes()
+        chosen = min_cost_cover(candidates(node, policy, now, req.reserved), shortfall)
+        if chosen is None:
+            continue
+        cost, count, freed, _ = _tie_key(chosen)
+        free_after = node.free_bytes() + freed - req.bytes
+        key = (cost, count, freed, -free_after, node.node_id)
+        if best is None or key < best[0]:
+            best = (key, Placement(node.node_id, req.model, req.bytes,
+                                   tuple(c.name for c in chosen), cost))
+    if best is None:
+        return Queue(f"no node can free {req.bytes} bytes for {req.model} now: "
+                     "the resident models are active, loading or pinned")
+    return best[1]
