@@ -48,6 +48,7 @@ class NodeRecord(BaseModel):
     measured_free_bytes: int | None = None
     heartbeat_at: float = 0.0
     models: dict[str, Slot] = Field(default_factory=dict)
+    available: list[str] = Field(default_factory=list)  # models the runtime can load
     errors: dict[str, str] = Field(default_factory=dict)  # model -> last load error
 
     def committed_bytes(self) -> int:

@@ -1,0 +1,388 @@
+"""`ollama-autoscaler`: run the local stack and talk to a running one, through NATS only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from events import bus
+from events.codec import Event, decode
+from events.types import ChatCompleted, ChatFailed, ChatRequested, ChatToken, ModelEvict, ModelLoad
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+
+
+async def _open(nats_url: str):  # type: ignore[no-untyped-def]
+    from functions.context import Settings, open_services
+
+    return await open_services(Settings(nats_url=nats_url), provision=True)
+
+
+# -- up ------------------------------------------------------------------------------------------
+async def cmd_up(args: argparse.Namespace) -> int:
+    from functions.context import Settings
+
+    from .stack import LocalStack, StackConfig, parse_bytes
+
+    settings = Settings.from_env()
+    if args.policy:
+        settings = Settings(**{**settings.__dict__, "policy": args.policy})
+    cfg = StackConfig(nodes=args.nodes, node_memory=parse_bytes(args.node_memory),
+                      nats_port=args.nats_port, runtime_port=args.runtime_port,
+                      function_port=args.function_port, transport=args.transport,
+                      settings=settings, fresh=args.fresh,
+                      state_dir=Path(args.state_dir) if args.state_dir else StackConfig().state_dir)
+    if args.models:
+        cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    stack = LocalStack(cfg)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"starting ollama-autoscaler (state in {cfg.state_dir}) ...", flush=True)
+    await stack.start()
+    print(stack.describe(), flush=True)
+    print(f"\ntry:  ollama-autoscaler chat --model {cfg.models[0]} \"Why is the sky blue?\"\n"
+          "      ollama-autoscaler status\nCtrl-C stops everything.", flush=True)
+    watcher = asyncio.create_task(_watch_procs(stack, stop))
+    await stop.wait()
+    watcher.cancel()
+    print("\nstopping ...", flush=True)
+    await stack.stop()
+    print("stopped.", flush=True)
+    return 0
+
+
+async def _watch_procs(stack: Any, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        for p in stack.procs:
+            if p.popen.poll() is not None:
+                print(f"{p.name} exited with {p.popen.returncode}; see {p.log_path}; "
+                      "stopping", file=sys.stderr, flush=True)
+                stop.set()
+                return
+        await asyncio.sleep(1)
+
+
+# -- worker --------------------------------------------------------------------------------------
+async def cmd_worker(args: argparse.Namespace) -> int:
+    """A pull worker: dispatchers that call the handlers in-process (the KEDA variant)."""
+    from events.dispatcher import Dispatcher, in_process
+    from functions.context import Settings, open_services
+    from functions.entry import HANDLERS
+
+    names = [n.strip() for n in args.functions.split(",") if n.strip()]
+    unknown = [n for n in names if n not in HANDLERS]
+    if unknown:
+        print(f"unknown function(s) {unknown}; choose from {sorted(HANDLERS)}", file=sys.stderr)
+        return 2
+    settings = Settings(**{**Settings.from_env().__dict__, "nats_url": args.nats})
+    svc = await open_services(settings, provision=True, ack_wait_s=args.ack_wait)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = []
+    for name in names:
+        spec = bus.CONSUMERS[name]
+        if args.ack_wait:
+            spec = bus.ConsumerSpec(spec.name, spec.event_type, args.ack_wait,
+                                    spec.max_ack_pending)
+        handler = HANDLERS[name]
+        d = Dispatcher(svc.js, spec, in_process(lambda e, a, h=handler: h(svc, e, a)))
+        tasks.append(asyncio.create_task(d.run(stop)))
+    print(f"worker {os.getpid()} serving {', '.join(names)} from {args.nats}", flush=True)
+    await stop.wait()
+    for t in tasks:
+        t.cancel()
+    await svc.close()
+    return 0
+
+
+# -- chat ----------------------------------------------------------------------------------------
+async def cmd_chat(args: argparse.Namespace) -> int:
+    nc = await bus.connect(args.nats, name="ollama-autoscaler-cli")
+    js = nc.jetstream()
+    chat_id = args.chat_id or uuid.uuid4().hex[:16]
+    options: dict[str, Any] = {}
+    if args.max_tokens:
+        options["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    try:
+        data = ChatRequested(chat_id=chat_id, model=args.model,
+                             messages=[{"role": "user", "content": args.prompt}],
+                             options=options).model_dump(exclude_none=True)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    event = Event("chat.requested", data)
+    end: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+    got: dict[int, int] = {}
+    attempt = 0
+
+    async def on_token(msg: Any) -> None:
+        nonlocal attempt
+        tok = ChatToken.model_validate(decode(msg.headers, msg.data).data)
+        if tok.task_id != event.id:
+            return
+        if tok.attempt > attempt:
+            if attempt:
+                print(f"\n[worker restarted; attempt {tok.attempt} regenerates]", flush=True)
+            attempt = tok.attempt
+        if tok.attempt == attempt:
+            got[attempt] = got.get(attempt, 0) + 1
+            print(tok.text, end="", flush=True)
+
+    async def on_end(msg: Any) -> None:
+        ev = decode(msg.headers, msg.data)
+        if isinstance(ev.data, dict) and ev.data.get("task_id") == event.id and not end.done():
+            end.set_result(ev)
+
+    await nc.subscribe(f"ollama.chat.token.{chat_id}", cb=on_token)
+    await nc.subscribe("ollama.chat.completed", cb=on_end)
+    await nc.subscribe("ollama.chat.failed", cb=on_end)
+    await nc.flush()
+    await bus.publish(js, event)
+    said_queued = False
+    deadline = time.monotonic() + args.timeout
+    while not end.done():
+        if time.monotonic() > deadline:
+            print(f"\nerror: no answer within {args.timeout:.0f}s (task {event.id}); check "
+                  f"`ollama-autoscaler task {event.id}`", file=sys.stderr)
+            await nc.close()
+            return 3
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(end), 1.0)
+        if not end.done() and not said_queued and not got:
+            tasks = await js.key_value(bus.TASKS_BUCKET)
+            from functions.tasks import Tasks
+
+            rec = await Tasks(tasks).get(event.id)
+            if rec and rec.state == "queued":
+                print(f"[queued: {rec.reason}]", file=sys.stderr, flush=True)
+                said_queued = True
+    result = end.result()
+    if result.type == "chat.failed":
+        failed = ChatFailed.model_validate(result.data)
+        print(f"\nerror: {failed.error.code}: {failed.error.message}", file=sys.stderr)
+        await nc.close()
+        return 1
+    done = ChatCompleted.model_validate(result.data)
+    # Tokens and the end travel on different subjects: let the last tokens land.
+    t_wait = time.monotonic() + 2.0
+    while got.get(done.stats.attempt, 0) < done.stats.tokens and time.monotonic() < t_wait:
+        await asyncio.sleep(0.01)
+    if got.get(done.stats.attempt, 0) < done.stats.tokens:
+        print(done.text, end="")
+    s = done.stats
+    print(f"\n\n[queue_ms={s.queue_ms:.0f} load_ms={s.load_ms:.0f} ttft_ms={s.ttft_ms:.0f} "
+          f"tokens={s.tokens} tokens/s={s.tokens_per_s:.1f} node={s.node} model={s.model} "
+          f"task={done.task_id}]")
+    await nc.close()
+    return 0
+
+
+# -- status / models / task ----------------------------------------------------------------------
+async def cmd_status(args: argparse.Namespace) -> int:
+    svc = await _open(args.nats)
+    nodes = await svc.fleet.nodes()
+    queue = await svc.tasks.queue()
+    now = time.time()
+    if args.json:
+        print(json.dumps({"nodes": [r.model_dump() for r, _ in nodes],
+                          "queue": [q.model_dump() for q in queue]}, indent=2))
+        await svc.close()
+        return 0
+    if not nodes:
+        print("no nodes registered (is the stack running? `make run`)")
+    for rec, rev in nodes:
+        age = now - rec.heartbeat_at
+        print(f"node {rec.node_id}  {rec.runtime} {rec.url}  capacity {_fmt_bytes(rec.capacity_bytes)}"
+              f"  free {_fmt_bytes(rec.free_bytes())}  measured free "
+              f"{_fmt_bytes(rec.measured_free_bytes)}  heartbeat {age:.1f}s ago  rev {rev}")
+        if not rec.models:
+            print("    (no models loaded)")
+        for name, slot in sorted(rec.models.items()):
+            ka = (f"keep-alive {max(0, slot.keep_alive_until - now):.0f}s"
+                  if slot.keep_alive_until else "")
+            print(f"    {name:<28} {slot.state:<9} active {slot.active}  "
+                  f"{_fmt_bytes(slot.bytes):>9}  {ka}"
+                  + (f"  load {slot.load_ms:.0f} ms" if slot.load_ms else ""))
+        for name, err in rec.errors.items():
+            print(f"    ! {name}: {err}")
+    print(f"queue depth: {len(queue)}")
+    for q in queue:
+        print(f"    {q.task_id}  {q.model}  waiting {now - q.since:.1f}s  ({q.reason})")
+    await svc.close()
+    return 0
+
+
+async def cmd_models(args: argparse.Namespace) -> int:
+    svc = await _open(args.nats)
+    where: dict[str, list[str]] = {}
+    for rec, _ in await svc.fleet.nodes():
+        for name, slot in rec.models.items():
+            where.setdefault(name, []).append(f"{rec.node_id}:{slot.state}")
+    models = await svc.catalog.all()
+    if not models:
+        print("the catalog is empty (is the stack running?)")
+    for m in models:
+        print(f"{m.name:<28} {_fmt_bytes(m.bytes):>9}  {m.family or '':<8} {m.params or '':<6} "
+              f"{m.quant or '':<8} ctx {m.context or '-':<6} "
+              f"{', '.join(where.get(m.name, [])) or 'not loaded'}")
+    await svc.close()
+    return 0
+
+
+async def cmd_task(args: argparse.Namespace) -> int:
+    svc = await _open(args.nats)
+    rec = await svc.tasks.get(args.task_id)
+    await svc.close()
+    if rec is None:
+        print(f"no task {args.task_id!r} (tasks are kept for 24 h)", file=sys.stderr)
+        return 1
+    print(json.dumps(rec.model_dump(), indent=2))
+    return 0
+
+
+async def _manual(args: argparse.Namespace, kind: str) -> int:
+    svc = await _open(args.nats)
+    data = (ModelLoad(model=args.model, node=args.node, reason="manual") if kind == "model.load"
+            else ModelEvict(model=args.model, node=args.node, reason="manual"))
+    event = Event(kind, data.model_dump())
+    rejected: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_dead(msg: Any) -> None:
+        rec = json.loads(msg.data)
+        if rec.get("event_id") == event.id and not rejected.done():
+            rejected.set_result(rec.get("reason", "rejected"))
+
+    await svc.nc.subscribe("ollama.deadletter.>", cb=on_dead)
+    await bus.publish(svc.js, event)
+    t0 = time.monotonic()
+    deadline = t0 + args.timeout
+    while time.monotonic() < deadline:
+        if rejected.done():
+            print(f"error: {rejected.result()}", file=sys.stderr)
+            await svc.close()
+            return 1
+        nodes = [r for r, _ in await svc.fleet.nodes()]
+        slots = [(r.node_id, r.models[args.model]) for r in nodes if args.model in r.models]
+        errors = [r.errors[args.model] for r in nodes if args.model in r.errors]
+        if kind == "model.load" and any(s.state == "ready" for _, s in slots):
+            node, slot = next((n, s) for n, s in slots if s.state == "ready")
+            print(f"{args.model} ready on {node} (load {slot.load_ms or 0:.0f} ms)")
+            await svc.close()
+            return 0
+        if kind == "model.load" and not slots and errors and time.monotonic() - t0 > 1:
+            print(f"error: load failed: {errors[0]}", file=sys.stderr)
+            await svc.close()
+            return 1
+        if kind == "model.evict" and not slots:
+            print(f"{args.model} evicted")
+            await svc.close()
+            return 0
+        await asyncio.sleep(0.1)
+    print(f"error: timed out after {args.timeout:.0f}s", file=sys.stderr)
+    await svc.close()
+    return 3
+
+
+async def cmd_load(args: argparse.Namespace) -> int:
+    return await _manual(args, "model.load")
+
+
+async def cmd_evict(args: argparse.Namespace) -> int:
+    return await _manual(args, "model.evict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ollama-autoscaler",
+                                description="VRAM-aware, event-driven serving for LLM fleets")
+    p.add_argument("--nats", default=bus.DEFAULT_NATS_URL, help="NATS URL (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="run the whole local stack (Ctrl-C stops it)")
+    up.add_argument("--nodes", type=int, default=1)
+    up.add_argument("--node-memory", default="1.5GiB", help="memory budget per node")
+    up.add_argument("--models", help="comma-separated model names (aliases of Gemma 3 270M)")
+    up.add_argument("--policy", choices=["cost", "fewest", "lru"])
+    up.add_argument("--transport", choices=["http", "inprocess"], default="http",
+                    help="http: functions-framework servers (the Knative shape); "
+                         "inprocess: handlers called by the dispatchers")
+    up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--runtime-port", type=int, default=8081)
+    up.add_argument("--function-port", type=int, default=8090)
+    up.add_argument("--state-dir")
+    up.add_argument("--fresh", action="store_true", help="wipe JetStream state first")
+    up.set_defaults(fn=cmd_up)
+
+    w = sub.add_parser("worker", help="pull worker: run functions in-process on a running bus")
+    w.add_argument("--functions", default="chat,load,evict,reconcile")
+    w.add_argument("--ack-wait", type=float, default=None)
+    w.set_defaults(fn=cmd_worker)
+
+    c = sub.add_parser("chat", help="send a prompt, stream the answer, print stats")
+    c.add_argument("--model", required=True)
+    c.add_argument("--chat-id")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float)
+    c.add_argument("--timeout", type=float, default=600.0)
+    c.add_argument("prompt")
+    c.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("status", help="nodes, memory, loaded models, queue")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+    sub.add_parser("models", help="the model catalog and where each is loaded").set_defaults(
+        fn=cmd_models)
+    for name, fn, hlp in (("load", cmd_load, "load a model (plans; may evict)"),
+                          ("evict", cmd_evict, "unload a model (refused while in use)")):
+        m = sub.add_parser(name, help=hlp)
+        m.add_argument("model")
+        m.add_argument("--node")
+        m.add_argument("--timeout", type=float, default=300.0)
+        m.set_defaults(fn=fn)
+    t = sub.add_parser("task", help="a task's state and timings")
+    t.add_argument("task_id")
+    t.set_defaults(fn=cmd_task)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.cmd in ("up", "worker")
+                        else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("nats").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return asyncio.run(args.fn(args))
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The NATS edge: connect, provision streams/consumers/KV idempotently, publish events.
+
+Streams (all subjects start with `ollama.`):
+  OLLAMA_EVENTS  ollama.chat.* ollama.model.> ollama.fleet.>   work and outcome events
+  OLLAMA_TOKENS  ollama.chat.token.>                            short max-age, for replay
+  OLLAMA_DLQ     ollama.deadletter.>                            rejected events, with reasons
+KV buckets: fleet (node records), models (catalog), tasks (task records + queue entries).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, BucketNotFoundError
+from nats.js.kv import KeyValue
+
+from .codec import Event, to_binary
+from .types import DEAD_LETTER_PREFIX, subject_for
+
+log = logging.getLogger("events.bus")
+
+DEFAULT_NATS_URL = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+EVENTS_STREAM = "OLLAMA_EVENTS"
+TOKENS_STREAM = "OLLAMA_TOKENS"
+DLQ_STREAM = "OLLAMA_DLQ"
+FLEET_BUCKET, MODELS_BUCKET, TASKS_BUCKET = "fleet", "models", "tasks"
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer: which function reads which event type."""
+
+    name: str
+    event_type: str
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 256
+
+
+# One durable consumer per function. Knative's equivalent is one Trigger per function.
+CONSUMERS: dict[str, ConsumerSpec] = {
+    "chat": ConsumerSpec("chat", "chat.requested", ack_wait_s=30.0),
+    "load": ConsumerSpec("load", "model.load", ack_wait_s=30.0),
+    "evict": ConsumerSpec("evict", "model.evict", ack_wait_s=30.0),
+    "reconcile": ConsumerSpec("reconcile", "fleet.tick", ack_wait_s=30.0, max_ack_pending=1),
+}
+
+
+async def connect(url: str = DEFAULT_NATS_URL, name: str = "ollama-autoscaler") -> NATS:
+    """Connect, with a clear message when nothing listens at `url`."""
+    try:
+        return await nats.connect(url, name=name, connect_timeout=3, max_reconnect_attempts=-1,
+                                  allow_reconnect=True, reconnect_time_wait=0.5)
+    except Exception as exc:  # nats raises several unrelated types for "no server"
+        raise ConnectionError(
+            f"cannot reach NATS at {url} ({exc.__class__.__name__}: {exc}); is the stack "
+            "running? start it with `make run` or pass --nats URL") from exc
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+    try:
+        await js.add_stream(cfg)
+    except BadRequestError:
+        await js.update_stream(cfg)
+
+
+async def provision(js: JetStreamContext, consumer_ack_wait_s: float | None = None) -> None:
+    """Create or update every stream, durable consumer and KV bucket. Safe to repeat."""
+    await _ensure_stream(js, StreamConfig(
+        name=EVENTS_STREAM, subjects=["ollama.chat.*", "ollama.model.>", "ollama.fleet.>"],
+        storage=StorageType.FILE, max_age=7 * 86400, duplicate_window=120))
+    await _ensure_stream(js, StreamConfig(
+        name=TOKENS_STREAM, subjects=["ollama.chat.token.>"], storage=StorageType.FILE,
+        max_age=600))
+    await _ensure_stream(js, StreamConfig(
+        name=DLQ_STREAM, subjects=[f"{DEAD_LETTER_PREFIX}.>"], storage=StorageType.FILE,
+        max_age=30 * 86400))
+    for spec in CONSUMERS.values():
+        cfg = ConsumerConfig(
+            durable_name=spec.name, filter_subject=subject_for(spec.event_type),
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            ack_wait=consumer_ack_wait_s or spec.ack_wait_s, max_deliver=-1,
+            max_ack_pending=spec.max_ack_pending)
+        await js.add_consumer(EVENTS_STREAM, cfg)
+    for bucket, history, ttl in ((FLEET_BUCKET, 64, None), (MODELS_BUCKET, 5, None),
+                                 (TASKS_BUCKET, 1, 86400.0)):
+        try:
+            await js.key_value(bucket)
+        except BucketNotFoundError:
+            await js.create_key_value(KeyValueConfig(bucket=bucket, history=history, ttl=ttl,
+                                                     storage=StorageType.FILE))
+
+
+async def kv(js: JetStreamContext, bucket: str) -> KeyValue:
+    return await js.key_value(bucket)
+
+
+async def publish(js: JetStreamContext, event: Event, chat_id: str | None = None,
+                  msg_id: str | None = None) -> None:
+    """Publish in binary mode to the event's subject; the event id dedups re-publishes."""
+    headers, body = to_binary(event)
+    headers["Nats-Msg-Id"] = msg_id or event.id
+    await js.publish(subject_for(event.type, chat_id), body, headers=headers)
+
+
+async def publish_fast(nc: NATS, event: Event, chat_id: str | None = None) -> None:
+    """Fire-and-forget publish (no JetStream ack wait): used for tokens on the hot path.
+
+    The OLLAMA_TOKENS stream still captures them for late subscribers.
+    """
+    headers, body = to_binary(event)
+    await nc.publish(subject_for(event.type, chat_id), body, headers=headers)
+
+
+async def snapshot(store: KeyValue, pattern: str, meta_only: bool = False) -> list[Any]:
+    """The current entries of every key matching `pattern` (server-side filter), in one pass.
+
+    Deleted keys are left out. (nats-py's `keys(filters=...)` matches substrings client-side
+    after reading every key; this asks the server for just the subjects we want.)
+    """
+    watcher = await store.watch(pattern, ignore_deletes=True, meta_only=meta_only)
+    entries = []
+    try:
+        while True:
+            entry = await watcher.updates(timeout=5.0)
+            if entry is None:
+                break
+            if entry.operation is None:
+                entries.append(entry)
+    finally:
+        await watcher.stop()
+    return entries

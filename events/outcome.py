@@ -1,0 +1,62 @@
+"""One vocabulary for what became of a delivered event, used by every function and transport.
+
+  Done            acknowledge; the event is handled.
+  Retry(delay)    redeliver after `delay_s` (NAK with delay). `failure=False` marks a planned
+                  wait (the request is queued for memory) that never dead-letters.
+  Reject(reason)  the event can never succeed: terminate it and record it, with the reason,
+                  on the dead-letter subject.
+
+Over HTTP (functions-framework / Knative) they map to 200, 503 + Retry-After, and 422.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    delay_s: float
+    reason: str = ""
+    failure: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    reason: str
+
+
+Outcome = Done | Retry | Reject
+
+HTTP_DONE, HTTP_REJECT, HTTP_RETRY = 200, 422, 503
+HEADER_QUEUED = "x-oa-queued"  # a Retry that is a planned wait, not a failure
+
+
+def to_http(outcome: Outcome) -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) for a functions-framework HTTP response."""
+    if isinstance(outcome, Done):
+        return HTTP_DONE, {}, outcome.note or "done"
+    if isinstance(outcome, Retry):
+        headers = {"retry-after": f"{outcome.delay_s:.3f}"}
+        if not outcome.failure:
+            headers[HEADER_QUEUED] = "1"
+        return HTTP_RETRY, headers, outcome.reason
+    return HTTP_REJECT, {}, outcome.reason
+
+
+def from_http(status: int, headers: dict[str, str], body: str) -> Outcome:
+    """Read a function's HTTP answer back as an outcome (Knative's status semantics)."""
+    if 200 <= status < 300:
+        return Done(body[:200])
+    if status in (400, 404, 409, 413, 415, 422):
+        return Reject(body or f"HTTP {status}")
+    try:
+        delay = float(headers.get("retry-after", "1"))
+    except ValueError:
+        delay = 1.0
+    return Retry(delay, body or f"HTTP {status}", failure=HEADER_QUEUED not in headers)

@@ -1,0 +1,60 @@
+"""The evict function: `model.evict` -> the runtime unloads -> slot removed, `model.evicted`.
+
+A placement or the keep-alive expiry has already marked the slot `evicting` by CAS; a manual
+evict marks it here, and is refused while the model is in use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pydantic import ValidationError
+
+from events import bus
+from events.codec import Event
+from events.outcome import Done, Outcome, Reject, Retry
+from events.types import ModelEvict, ModelEvicted
+
+from . import state
+from .context import Services
+from .runtimes.base import RuntimeFailure
+from .state import TransitionError
+
+log = logging.getLogger("functions.evict")
+
+
+async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
+    try:
+        req = ModelEvict.model_validate(event.data)
+    except ValidationError as exc:
+        return Reject(f"invalid model.evict data: {exc.errors(include_url=False)}")
+    records = [r for r, _ in await svc.fleet.nodes()
+               if (req.node is None or r.node_id == req.node) and req.model in r.models]
+    if not records:
+        return Done(f"{req.model} is not resident" + (f" on {req.node}" if req.node else ""))
+    for record in records:
+        slot = record.models[req.model]
+        if slot.state == "loading":
+            return Reject(f"{req.model} is loading on {record.node_id}; evict it once ready")
+        if slot.state == "ready":
+            try:
+                record = await svc.fleet.update(record.node_id, lambda r: state.mark_evicting(
+                    r, req.model, time.time(), req.reason))
+            except TransitionError as exc:
+                return Reject(f"cannot evict: {exc}")
+        runtime = svc.runtime(record.runtime, record.url)
+        t0 = time.perf_counter()
+        try:
+            await runtime.unload(req.model, svc.settings.unload_timeout_s)
+        except (RuntimeFailure, TimeoutError, OSError) as exc:
+            return Retry(2.0, f"unload of {req.model} on {record.node_id} failed: {exc}")
+        evict_ms = (time.perf_counter() - t0) * 1000
+        freed = record.models[req.model].bytes
+        await svc.fleet.update(record.node_id, lambda r: state.remove(r, req.model))
+        await bus.publish(svc.js, Event("model.evicted", ModelEvicted(
+            model=req.model, node=record.node_id, bytes_freed=freed, reason=req.reason,
+            evict_ms=round(evict_ms, 1)).model_dump()))
+        log.info("model.evicted model=%s node=%s bytes=%d evict_ms=%.0f reason=%s", req.model,
+                 record.node_id, freed, evict_ms, req.reason)
+    return Done()

@@ -1,0 +1,116 @@
+"""Fleet state in JetStream KV: read node records, change them by compare-and-set, watch them.
+
+Every change to a node is `update(node_id, transition)`: read the record and its revision,
+apply the pure transition, write with `last=revision`. A lost race re-reads and re-applies, so
+two writers can never both commit against the same revision (no over-commit, no locks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import nats.errors
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from events.bus import snapshot
+from events.keys import node_key
+
+from . import planner
+from .state import NodeRecord, TransitionError, reserve
+
+log = logging.getLogger("functions.fleet")
+
+Transition = Callable[[NodeRecord], NodeRecord]
+
+
+class Fleet:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def get(self, node_id: str) -> tuple[NodeRecord, int]:
+        entry = await self.kv.get(node_key(node_id))
+        if entry.value is None:
+            raise KeyNotFoundError
+        return NodeRecord.model_validate_json(entry.value), entry.revision or 0
+
+    async def nodes(self) -> list[tuple[NodeRecord, int]]:
+        entries = await snapshot(self.kv, "node.*")
+        out = [(NodeRecord.model_validate_json(e.value), e.revision or 0) for e in entries
+               if e.value]
+        return sorted(out, key=lambda rv: rv[0].node_id)
+
+    async def update(self, node_id: str, transition: Transition,
+                     attempts: int = 200) -> NodeRecord:
+        """Apply `transition` by CAS, retrying on conflict. TransitionError propagates."""
+        for _ in range(attempts):
+            record, rev = await self.get(node_id)
+            new = transition(record)
+            try:
+                await self.kv.update(node_key(node_id), new.model_dump_json().encode(), last=rev)
+                return new
+            except KeyWrongLastSequenceError:
+                await asyncio.sleep(0)
+                continue
+        raise TimeoutError(f"CAS on {node_key(node_id)} lost {attempts} times in a row")
+
+    async def upsert(self, record: NodeRecord, transition: Transition) -> NodeRecord:
+        """Create the node record, or apply `transition` to the existing one."""
+        try:
+            await self.kv.create(node_key(record.node_id), record.model_dump_json().encode())
+            return record
+        except KeyWrongLastSequenceError:
+            return await self.update(record.node_id, transition)
+
+    async def place(self, req: planner.PlanRequest, now: float, policy: planner.Policy,
+                    task_id: str | None, reason: str = "",
+                    ) -> planner.Placement | planner.Queue | planner.Reject:
+        """Plan and commit a placement with one CAS on the chosen node; re-plan on conflict."""
+        for _ in range(100):
+            records = await self.nodes()
+            nodes = [r for r, _ in records if not r.available or req.model in r.available]
+            if not nodes and records:
+                return planner.Reject(f"no node serves model {req.model!r}")
+            result = planner.plan(req, nodes, now, policy)
+            if not isinstance(result, planner.Placement):
+                return result
+            rev = dict((r.node_id, v) for r, v in records)[result.node_id]
+            record = next(r for r, _ in records if r.node_id == result.node_id)
+            try:
+                new = reserve(record, req.model, req.bytes, list(result.evict), task_id, now,
+                              reason)
+            except TransitionError:
+                continue
+            try:
+                await self.kv.update(node_key(record.node_id), new.model_dump_json().encode(),
+                                     last=rev)
+                return result
+            except KeyWrongLastSequenceError:
+                log.debug("placement CAS conflict on %s; re-planning", record.node_id)
+                continue
+        raise TimeoutError(f"placement of {req.model} lost 100 CAS races in a row")
+
+    async def wait_for(self, node_id: str, predicate: Callable[[NodeRecord], bool],
+                       timeout: float) -> NodeRecord:
+        """Watch the node's key until `predicate(record)` holds. Raises TimeoutError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        watcher = await self.kv.watch(node_key(node_id))
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"timed out after {timeout:.0f}s waiting on {node_id}")
+                try:
+                    entry = await watcher.updates(timeout=remaining)
+                except nats.errors.TimeoutError:
+                    continue
+                if entry is None or entry.value is None:
+                    continue
+                record = NodeRecord.model_validate_json(entry.value)
+                if predicate(record):
+                    return record
+        finally:
+            await watcher.stop()

@@ -1,0 +1,97 @@
+"""The node agent: one per runtime. Registers the node, then heartbeats its measured memory.
+
+Memory: on a GPU, NVML (`pynvml`, from nvidia-ml-py) gives the device's free bytes; on a CPU
+node the budget is the configured capacity, checked against the resident memory of the
+runtime's processes (llama-server spawns one child per loaded model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import psutil
+
+from .fleet import Fleet
+from .runtimes.base import Runtime
+from .state import NodeRecord
+
+log = logging.getLogger("functions.node_agent")
+MemoryProbe = Callable[[], int | None]
+
+
+def nvml_probe(index: int = 0) -> MemoryProbe | None:
+    """Free bytes of GPU `index` via NVML, or None when there is no NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # no driver / no GPU: pynvml raises NVMLError subclasses
+        return None
+
+    def probe() -> int | None:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+
+    return probe
+
+
+def process_tree_probe(pid: int, capacity_bytes: int) -> MemoryProbe:
+    """Capacity minus the RSS of `pid`'s children (the model processes)."""
+
+    def probe() -> int | None:
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return None
+        used = 0
+        for child in children:
+            try:
+                used += child.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return max(0, capacity_bytes - used)
+
+    return probe
+
+
+class NodeAgent:
+    def __init__(self, fleet: Fleet, node_id: str, runtime: Runtime, capacity_bytes: int,
+                 probe: MemoryProbe | None = None, interval_s: float = 2.0) -> None:
+        self.fleet, self.node_id, self.runtime = fleet, node_id, runtime
+        self.capacity_bytes, self.probe, self.interval_s = capacity_bytes, probe, interval_s
+
+    async def beat(self, available: list[str] | None = None) -> NodeRecord:
+        measured = self.probe() if self.probe else None
+        now = time.time()
+
+        def transition(r: NodeRecord) -> NodeRecord:
+            new = r.model_copy(deep=True)
+            new.heartbeat_at, new.measured_free_bytes = now, measured
+            new.url, new.runtime = self.runtime.url, self.runtime.kind  # type: ignore[assignment]
+            new.capacity_bytes = self.capacity_bytes
+            if available is not None:
+                new.available = available
+            return new
+
+        fresh = NodeRecord(node_id=self.node_id, runtime=self.runtime.kind,  # type: ignore[arg-type]
+                           url=self.runtime.url, capacity_bytes=self.capacity_bytes,
+                           measured_free_bytes=measured, heartbeat_at=now,
+                           available=available or [])
+        return await self.fleet.upsert(fresh, transition)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        beats = 0
+        while not stop.is_set():
+            try:
+                available = await self.runtime.available() if beats % 15 == 0 else None
+                await self.beat(available)
+                beats += 1
+            except Exception as exc:  # keep beating through runtime/NATS blips
+                log.warning("heartbeat of %s failed: %s", self.node_id, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except TimeoutError:
+                pass

@@ -1,0 +1,95 @@
+"""The reconcile function, on every `fleet.tick`: keep KV honest.
+
+- leases whose holder stopped renewing them expire;
+- idle models past their keep-alive are evicted (never active, loading or pinned ones);
+- drift between KV and what the runtime really has loaded is repaired: KV `ready` that the
+  runtime lost is dropped, a model the runtime loaded behind our back is adopted as idle;
+- `loading` that outlived the load timeout is dropped, a stuck `evicting` is re-sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from events import bus
+from events.codec import Event
+from events.outcome import Done, Outcome
+from events.types import ModelEvict
+
+from . import planner, state
+from .context import Services
+from .state import NodeRecord, Slot, TransitionError
+
+log = logging.getLogger("functions.reconcile")
+EVICT_RESEND_S = 60.0
+
+
+def _adopt(model: str, nbytes: int, now: float, keep_alive_s: float):  # type: ignore[no-untyped-def]
+    def transition(r: NodeRecord) -> NodeRecord:
+        new = r.model_copy(deep=True)
+        if model not in new.models:
+            new.models[model] = Slot(state="ready", bytes=nbytes, since=now, last_used=now,
+                                     keep_alive_until=now + keep_alive_s, reason="adopted")
+        return new
+    return transition
+
+
+async def reconcile_node(svc: Services, record: NodeRecord, now: float) -> list[str]:
+    actions: list[str] = []
+    node_id = record.node_id
+    if any(until < now for s in record.models.values() for until in s.leases.values()):
+        record = await svc.fleet.update(node_id, lambda r: state.expire_leases(r, now))
+        actions.append("expired stale leases")
+    try:
+        loaded = await svc.runtime(record.runtime, record.url).loaded()
+    except Exception as exc:  # an unreachable runtime is reported, not fatal
+        log.warning("reconcile: runtime of %s unreachable: %s", node_id, exc)
+        loaded = None
+    for model, slot in record.models.items():
+        if slot.state == "ready" and loaded is not None and model not in loaded:
+            await svc.fleet.update(node_id, lambda r, m=model: state.remove(
+                r, m, error="runtime no longer had it loaded") if r.models.get(m) and
+                r.models[m].state == "ready" else r)
+            actions.append(f"dropped {model}: runtime lost it")
+        elif (slot.state == "ready" and not slot.leases and not slot.pinned
+              and slot.keep_alive_until is not None and slot.keep_alive_until < now):
+            try:
+                await svc.fleet.update(node_id, lambda r, m=model: state.mark_evicting(
+                    r, m, now, "keep_alive expired"))
+            except TransitionError:
+                continue
+            await bus.publish(svc.js, Event("model.evict", ModelEvict(
+                model=model, node=node_id, reason="keep_alive expired").model_dump()))
+            actions.append(f"keep-alive expired: {model}")
+        elif slot.state == "loading" and now - slot.since > svc.settings.load_timeout_s + 30:
+            await svc.fleet.update(node_id, lambda r, m=model: state.remove(
+                r, m, error="load timed out") if r.models.get(m) and
+                r.models[m].state == "loading" else r)
+            actions.append(f"dropped stuck load of {model}")
+        elif slot.state == "evicting" and now - slot.since > EVICT_RESEND_S:
+            await bus.publish(svc.js, Event("model.evict", ModelEvict(
+                model=model, node=node_id, reason="evict re-sent by reconcile").model_dump()),
+                msg_id=f"reconcile.{node_id}.{model}.{int(now // EVICT_RESEND_S)}")
+            actions.append(f"re-sent evict of {model}")
+    if loaded:
+        for model, status in loaded.items():
+            if model not in record.models and status == "loaded":
+                info = await svc.catalog.get(model)
+                nbytes = info.bytes if info else 0
+                await svc.fleet.update(node_id, _adopt(model, nbytes, now,
+                                                       svc.settings.keep_alive_s))
+                actions.append(f"adopted {model} loaded outside the planner")
+    return actions
+
+
+async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
+    now = time.time()
+    done: list[str] = []
+    for record, _ in await svc.fleet.nodes():
+        if not planner.node_is_live(record, now):
+            continue
+        for action in await reconcile_node(svc, record, now):
+            done.append(f"{record.node_id}: {action}")
+            log.info("reconcile node=%s %s", record.node_id, action)
+    return Done("; ".join(done))

@@ -1,0 +1,66 @@
+"""The runtime protocol: the one boundary between the functions and an inference server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+
+class RuntimeFailure(RuntimeError):
+    """The runtime refused or failed; `code` is the stable error code for chat.failed."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Runtime(Protocol):
+    kind: str
+    url: str
+
+    async def available(self) -> list[str]:
+        """Models this runtime can load."""
+        ...
+
+    async def loaded(self) -> dict[str, str]:
+        """Models it has in memory now: name -> 'loaded' | 'loading'."""
+        ...
+
+    async def load(self, model: str, timeout: float) -> None:
+        """Load and return once the model answers; raises RuntimeFailure on failure."""
+        ...
+
+    async def unload(self, model: str, timeout: float) -> None:
+        """Unload and return once the memory is given back."""
+        ...
+
+    def chat(self, model: str, messages: list[dict[str, str]],
+             options: dict[str, Any]) -> AsyncIterator[str]:
+        """Stream the reply's text pieces."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+async def poll_until(check: Any, timeout: float, interval: float = 0.05,
+                     what: str = "condition") -> None:
+    """Await `check()` until it returns True; TimeoutError naming `what` after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def make_runtime(kind: str, url: str) -> Runtime:
+    if kind == "llamacpp":
+        from .llamacpp import LlamaCppRuntime
+
+        return LlamaCppRuntime(url)
+    if kind == "ollama":
+        from .ollama import OllamaRuntime
+
+        return OllamaRuntime(url)
+    raise ValueError(f"unknown runtime kind {kind!r}; use 'llamacpp' or 'ollama'")

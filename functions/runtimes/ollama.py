@@ -1,0 +1,96 @@
+"""Ollama's HTTP API as a runtime (API shapes: shared/notes/ollama.md §2, from Ollama's docs).
+
+We own eviction, so every request pins its model with `keep_alive: -1`; unloading is
+`keep_alive: 0` followed by polling `/api/ps` until the model is gone (Ollama unloads
+asynchronously).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from .base import RuntimeFailure, poll_until
+
+
+class OllamaRuntime:
+    kind = "ollama"
+
+    def __init__(self, url: str, client: httpx.AsyncClient | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.client = client or httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(
+            10.0, read=600.0))
+
+    @staticmethod
+    def _raise_for(resp: httpx.Response, model: str, what: str) -> None:
+        if resp.status_code < 400:
+            return
+        try:
+            message = resp.json().get("error", resp.text)
+        except (json.JSONDecodeError, AttributeError):
+            message = resp.text
+        code = "unknown_model" if resp.status_code == 404 else f"{what}_failed"
+        raise RuntimeFailure(code, f"ollama {resp.status_code} on {what} {model}: {message}")
+
+    async def available(self) -> list[str]:
+        resp = await self.client.get("/api/tags")
+        resp.raise_for_status()
+        return sorted(m["name"] for m in resp.json().get("models", []))
+
+    async def loaded(self) -> dict[str, str]:
+        resp = await self.client.get("/api/ps")
+        resp.raise_for_status()
+        return {m["name"]: "loaded" for m in resp.json().get("models", [])}
+
+    async def sizes(self) -> dict[str, int]:
+        """Memory per loaded model as Ollama reports it (`size` in /api/ps)."""
+        resp = await self.client.get("/api/ps")
+        resp.raise_for_status()
+        return {m["name"]: int(m.get("size", 0)) for m in resp.json().get("models", [])}
+
+    async def load(self, model: str, timeout: float) -> None:
+        # An empty generate returns only once the model is loaded (done_reason "load").
+        resp = await self.client.post("/api/generate", json={"model": model, "keep_alive": -1},
+                                      timeout=timeout)
+        self._raise_for(resp, model, "load")
+
+    async def unload(self, model: str, timeout: float) -> None:
+        resp = await self.client.post("/api/generate", json={"model": model, "keep_alive": 0})
+        if resp.status_code != 404:
+            self._raise_for(resp, model, "unload")
+
+        async def gone() -> bool:
+            return model not in await self.loaded()
+
+        await poll_until(gone, timeout, interval=0.1, what=f"ollama to unload {model}")
+
+    async def chat(self, model: str, messages: list[dict[str, str]],
+                   options: dict[str, Any]) -> AsyncIterator[str]:
+        opts: dict[str, Any] = {}
+        for ours, theirs in (("temperature", "temperature"), ("max_tokens", "num_predict"),
+                             ("top_p", "top_p"), ("seed", "seed"), ("num_ctx", "num_ctx")):
+            if options.get(ours) is not None:
+                opts[theirs] = options[ours]
+        body = {"model": model, "messages": messages, "stream": True, "keep_alive": -1,
+                "options": opts}
+        async with self.client.stream("POST", "/api/chat", json=body) as resp:
+            if resp.status_code >= 400:
+                await resp.aread()
+                self._raise_for(resp, model, "chat")
+            async for line in resp.aiter_lines():
+                if not line.strip():
+                    continue
+                chunk = json.loads(line)
+                if "error" in chunk:  # mid-stream errors come as a line under HTTP 200
+                    raise RuntimeFailure("runtime", f"ollama: {chunk['error']}")
+                text = (chunk.get("message") or {}).get("content")
+                if text:
+                    yield text
+                if chunk.get("done"):
+                    return
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
