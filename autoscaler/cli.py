@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from events import bus
-from events.codec import Event, decode
+from events.codec import Event
 from events.types import ChatCompleted, ChatFailed, ChatRequested, ChatToken, ModelEvict, ModelLoad
 
 GIB = 1 << 30
@@ -118,85 +118,65 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
 # -- chat ----------------------------------------------------------------------------------------
 async def cmd_chat(args: argparse.Namespace) -> int:
+    from functions.tasks import Tasks
+
+    from .client import ChatSession
+
     nc = await bus.connect(args.nats, name="ollama-autoscaler-cli")
-    js = nc.jetstream()
-    chat_id = args.chat_id or uuid.uuid4().hex[:16]
-    options: dict[str, Any] = {}
-    if args.max_tokens:
-        options["max_tokens"] = args.max_tokens
+    options: dict[str, Any] = {"max_tokens": args.max_tokens}
     if args.temperature is not None:
         options["temperature"] = args.temperature
     try:
-        data = ChatRequested(chat_id=chat_id, model=args.model,
-                             messages=[{"role": "user", "content": args.prompt}],
-                             options=options).model_dump(exclude_none=True)
+        req = ChatRequested(chat_id=args.chat_id or uuid.uuid4().hex[:16], model=args.model,
+                            messages=[{"role": "user", "content": args.prompt}],
+                            options=options)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    event = Event("chat.requested", data)
-    end: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-    got: dict[int, int] = {}
     attempt = 0
 
-    async def on_token(msg: Any) -> None:
+    def on_token(tok: ChatToken) -> None:
         nonlocal attempt
-        tok = ChatToken.model_validate(decode(msg.headers, msg.data).data)
-        if tok.task_id != event.id:
-            return
         if tok.attempt > attempt:
             if attempt:
                 print(f"\n[worker restarted; attempt {tok.attempt} regenerates]", flush=True)
             attempt = tok.attempt
         if tok.attempt == attempt:
-            got[attempt] = got.get(attempt, 0) + 1
             print(tok.text, end="", flush=True)
 
-    async def on_end(msg: Any) -> None:
-        ev = decode(msg.headers, msg.data)
-        if isinstance(ev.data, dict) and ev.data.get("task_id") == event.id and not end.done():
-            end.set_result(ev)
-
-    await nc.subscribe(f"ollama.chat.token.{chat_id}", cb=on_token)
-    await nc.subscribe("ollama.chat.completed", cb=on_end)
-    await nc.subscribe("ollama.chat.failed", cb=on_end)
-    await nc.flush()
-    await bus.publish(js, event)
+    session = await ChatSession(nc, req, on_token).start()
+    task_id = session.result.task_id
+    tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET))
     said_queued = False
     deadline = time.monotonic() + args.timeout
-    while not end.done():
-        if time.monotonic() > deadline:
-            print(f"\nerror: no answer within {args.timeout:.0f}s (task {event.id}); check "
-                  f"`ollama-autoscaler task {event.id}`", file=sys.stderr)
-            await nc.close()
-            return 3
+    while not session.done and time.monotonic() < deadline:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(end), 1.0)
-        if not end.done() and not said_queued and not got:
-            tasks = await js.key_value(bus.TASKS_BUCKET)
-            from functions.tasks import Tasks
-
-            rec = await Tasks(tasks).get(event.id)
+            await asyncio.wait_for(asyncio.shield(session._end), 1.0)
+        if not session.done and not said_queued and not session.result.tokens:
+            rec = await tasks.get(task_id)
             if rec and rec.state == "queued":
                 print(f"[queued: {rec.reason}]", file=sys.stderr, flush=True)
                 said_queued = True
-    result = end.result()
-    if result.type == "chat.failed":
-        failed = ChatFailed.model_validate(result.data)
-        print(f"\nerror: {failed.error.code}: {failed.error.message}", file=sys.stderr)
+    try:
+        result = await session.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        print(f"\nerror: no answer within {args.timeout:.0f}s; see "
+              f"`ollama-autoscaler task {task_id}`", file=sys.stderr)
         await nc.close()
+        return 3
+    await nc.close()
+    assert result.end is not None
+    if result.end.type == "chat.failed":
+        failed = ChatFailed.model_validate(result.end.data)
+        print(f"\nerror: {failed.error.code}: {failed.error.message}", file=sys.stderr)
         return 1
-    done = ChatCompleted.model_validate(result.data)
-    # Tokens and the end travel on different subjects: let the last tokens land.
-    t_wait = time.monotonic() + 2.0
-    while got.get(done.stats.attempt, 0) < done.stats.tokens and time.monotonic() < t_wait:
-        await asyncio.sleep(0.01)
-    if got.get(done.stats.attempt, 0) < done.stats.tokens:
+    done = ChatCompleted.model_validate(result.end.data)
+    if not result.tokens:
         print(done.text, end="")
     s = done.stats
     print(f"\n\n[queue_ms={s.queue_ms:.0f} load_ms={s.load_ms:.0f} ttft_ms={s.ttft_ms:.0f} "
           f"tokens={s.tokens} tokens/s={s.tokens_per_s:.1f} node={s.node} model={s.model} "
           f"task={done.task_id}]")
-    await nc.close()
     return 0
 
 

@@ -113,6 +113,7 @@ class LocalStack:
         self.svc: Services | None = None
         self.nats_url = f"nats://127.0.0.1:{cfg.nats_port}"
         self.runtime_urls: dict[str, str] = {}
+        self.runtime_kinds: dict[str, str] = {}  # node_id -> kind, default llamacpp
         self._logs: list[IO[bytes]] = []
 
     # -- processes ---------------------------------------------------------------------------
@@ -234,9 +235,10 @@ class LocalStack:
                                              ack_wait_s=self.cfg.ack_wait_s)
         await self.register_catalog(svc.catalog)
         for node_id, url in self.runtime_urls.items():
-            runtime = make_runtime("llamacpp", url)
-            proc = next(p for p in self.procs if p.name == f"llama-server-{node_id}")
-            probe = nvml_probe() or process_tree_probe(proc.popen.pid, self.cfg.node_memory)
+            runtime = make_runtime(self.runtime_kinds.get(node_id, "llamacpp"), url)
+            proc = next((p for p in self.procs if p.name == f"llama-server-{node_id}"), None)
+            probe = nvml_probe() or (process_tree_probe(proc.popen.pid, self.cfg.node_memory)
+                                     if proc else None)
             agent = NodeAgent(svc.fleet, node_id, runtime, self.cfg.node_memory, probe)
             await agent.beat(await runtime.available())
             self.tasks.append(asyncio.create_task(agent.run(self.stop_event)))

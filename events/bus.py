@@ -131,15 +131,16 @@ async def snapshot(store: KeyValue, pattern: str, meta_only: bool = False) -> li
     Deleted keys are left out. (nats-py's `keys(filters=...)` matches substrings client-side
     after reading every key; this asks the server for just the subjects we want.)
     """
-    watcher = await store.watch(pattern, ignore_deletes=True, meta_only=meta_only)
-    entries = []
+    watcher = await store.watch(pattern, ignore_deletes=False, meta_only=meta_only)
+    latest: dict[str, Any] = {}
     try:
         while True:
             entry = await watcher.updates(timeout=5.0)
             if entry is None:
                 break
-            if entry.operation is None:
-                entries.append(entry)
+            # Writes that land while we read arrive too: keep only the newest per key.
+            if entry.key not in latest or entry.revision > latest[entry.key].revision:
+                latest[entry.key] = entry
     finally:
         await watcher.stop()
-    return entries
+    return [e for e in latest.values() if e.operation is None]

@@ -76,8 +76,7 @@ class Fleet:
             result = planner.plan(req, nodes, now, policy)
             if not isinstance(result, planner.Placement):
                 return result
-            rev = dict((r.node_id, v) for r, v in records)[result.node_id]
-            record = next(r for r, _ in records if r.node_id == result.node_id)
+            record, rev = next(rv for rv in records if rv[0].node_id == result.node_id)
             try:
                 new = reserve(record, req.model, req.bytes, list(result.evict), task_id, now,
                               reason)

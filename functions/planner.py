@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .state import NodeRecord, decayed_rate
+from .state import NodeRecord, Slot, decayed_rate
 
 Policy = Literal["fewest", "lru", "cost"]
 POLICIES: tuple[Policy, ...] = ("fewest", "lru", "cost")
@@ -30,6 +30,7 @@ POLICIES: tuple[Policy, ...] = ("fewest", "lru", "cost")
 LOAD_FIXED_MS = 300.0
 LOAD_BYTES_PER_MS = 1.0e6  # 1 GB/s
 REUSE_HORIZON_S = 300.0
+RECENCY_PRIOR = 0.1
 HEARTBEAT_STALE_S = 30.0
 
 
@@ -78,6 +79,14 @@ def estimate_load_ms(nbytes: int, measured_ms: float | None = None) -> float:
     return LOAD_FIXED_MS + nbytes / LOAD_BYTES_PER_MS
 
 
+def reuse_rate(slot: Slot, now: float) -> float:
+    """Expected requests/s: the decayed observed rate plus a weak recency prior (one request
+    per idle age, scaled down), so a model that was just loaded or used is not the first
+    victim merely because it has no history yet."""
+    idle = max(0.0, now - slot.last_used)
+    return decayed_rate(slot, now) + RECENCY_PRIOR / (idle + REUSE_HORIZON_S)
+
+
 def evictable(node: NodeRecord, reserved: Iterable[str] = ()) -> list[str]:
     """Ready, idle, not pinned, not needed by a queued request."""
     res = set(reserved)
@@ -97,7 +106,7 @@ def candidates(node: NodeRecord, policy: Policy, now: float,
         out = []
         for n in names:
             slot = node.models[n]
-            p_reuse = 1.0 - math.exp(-decayed_rate(slot, now) * REUSE_HORIZON_S)
+            p_reuse = 1.0 - math.exp(-reuse_rate(slot, now) * REUSE_HORIZON_S)
             load_ms = estimate_load_ms(slot.bytes, slot.load_ms)
             out.append(Candidate(n, slot.bytes, round(load_ms * p_reuse * 1000)))
         return out

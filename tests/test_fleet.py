@@ -1,0 +1,62 @@
+"""Fleet state on a real nats-server: compare-and-set keeps concurrent writers honest."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from events import bus
+from events.keys import node_key
+from functions import planner, state
+from functions.fleet import Fleet
+from functions.state import NodeRecord
+
+MIB = 1 << 20
+
+
+async def _fleets(nats_url: str, n: int) -> tuple[list[Fleet], list]:
+    conns = [await bus.connect(nats_url) for _ in range(n)]
+    await bus.provision(conns[0].jetstream())
+    fleets = [Fleet(await c.jetstream().key_value(bus.FLEET_BUCKET)) for c in conns]
+    return fleets, conns
+
+
+async def test_32_concurrent_placements_never_over_commit_in_any_revision(nats_url):
+    fleets, conns = await _fleets(nats_url, 4)
+    node = NodeRecord(node_id="cas-0", runtime="llamacpp", url="http://x",
+                      capacity_bytes=3 * 400 * MIB, heartbeat_at=time.time())
+    await fleets[0].upsert(node, lambda r: r)
+
+    async def place(i: int) -> object:
+        fleet = fleets[i % len(fleets)]
+        return await fleet.place(planner.PlanRequest(f"model-{i}", 400 * MIB), time.time(),
+                                 "cost", task_id=f"t{i}")
+
+    results = await asyncio.gather(*(place(i) for i in range(32)))
+    placed = [r for r in results if isinstance(r, planner.Placement)]
+    assert len(placed) == 3
+    assert all(isinstance(r, planner.Queue) for r in results if r not in placed)
+
+    history = await fleets[0].kv.history(node_key("cas-0"))
+    assert len(history) >= 4  # the create and three placements
+    for entry in history:
+        rec = NodeRecord.model_validate_json(entry.value)
+        assert rec.committed_bytes() <= rec.capacity_bytes, f"over-commit at rev {entry.revision}"
+    final, _ = await fleets[0].get("cas-0")
+    assert sorted(final.models) == sorted(p.model for p in placed)
+    for c in conns:
+        await c.close()
+
+
+async def test_concurrent_leases_are_never_lost(nats_url):
+    fleets, conns = await _fleets(nats_url, 4)
+    node = NodeRecord(node_id="cas-1", runtime="llamacpp", url="http://x",
+                      capacity_bytes=1 << 30, heartbeat_at=time.time(),
+                      models={"m": state.Slot(state="ready", bytes=1)})
+    await fleets[0].upsert(node, lambda r: r)
+    await asyncio.gather(*(fleets[i % 4].update("cas-1", lambda r, i=i: state.take_lease(
+        r, "m", f"t{i}", time.time())) for i in range(32)))
+    final, _ = await fleets[0].get("cas-1")
+    assert final.models["m"].active == 32
+    for c in conns:
+        await c.close()
