@@ -99,7 +99,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    tasks = []
+    tasks, dispatchers = [], []
     for name in names:
         spec = bus.CONSUMERS[name]
         if args.ack_wait:
@@ -107,11 +107,14 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                                     spec.max_ack_pending)
         handler = HANDLERS[name]
         d = Dispatcher(svc.js, spec, in_process(lambda e, a, h=handler: h(svc, e, a)))
+        dispatchers.append(d)
         tasks.append(asyncio.create_task(d.run(stop)))
     print(f"worker {os.getpid()} serving {', '.join(names)} from {args.nats}", flush=True)
     await stop.wait()
-    for t in tasks:
-        t.cancel()
+    # Stop fetching, give in-flight events a moment, then leave the rest to redelivery.
+    await asyncio.wait(tasks, timeout=5)
+    for d in dispatchers:
+        await d.drain(timeout=5)
     await svc.close()
     return 0
 

@@ -83,9 +83,9 @@ class StackConfig:
     node_memory: int = int(1.5 * GIB)
     models: tuple[str, ...] = DEFAULT_MODELS
     model_bytes: int = GEMMA_BYTES
-    nats_port: int = 4222
-    runtime_port: int = 8081  # node i listens on runtime_port + i
-    function_port: int = 8090  # function i listens on function_port + i
+    nats_port: int = 4222  # 0 = any free port (tests)
+    runtime_port: int = 8081  # node i listens on runtime_port + i; 0 = any free port
+    function_port: int = 8090  # function i listens on function_port + i; 0 = any free port
     transport: str = "http"
     functions: tuple[str, ...] = ("chat", "load", "evict", "reconcile")
     tick_s: float = 5.0
@@ -111,6 +111,8 @@ class LocalStack:
         self.stop_event = asyncio.Event()
         self.dispatchers: list[Dispatcher] = []
         self.svc: Services | None = None
+        if cfg.nats_port == 0:
+            cfg.nats_port = free_port()
         self.nats_url = f"nats://127.0.0.1:{cfg.nats_port}"
         self.runtime_urls: dict[str, str] = {}
         self.runtime_kinds: dict[str, str] = {}  # node_id -> kind, default llamacpp
@@ -191,7 +193,7 @@ class LocalStack:
         gguf = ensure_gemma()
         for i in range(self.cfg.nodes):
             node_id = f"node-{i}"
-            port = self.cfg.runtime_port + i
+            port = self.cfg.runtime_port + i if self.cfg.runtime_port else free_port()
             self._check_port(port, f"llama-server of {node_id}")
             preset = self.write_preset(self.cfg.state_dir / "nodes" / node_id, gguf)
             url = f"http://127.0.0.1:{port}"
@@ -210,7 +212,7 @@ class LocalStack:
         source = Path(__file__).resolve().parents[1] / "functions" / "entry.py"
         started = []
         for i, name in enumerate(self.cfg.functions):
-            port = self.cfg.function_port + i
+            port = self.cfg.function_port + i if self.cfg.function_port else free_port()
             self._check_port(port, f"function {name}")
             url = f"http://127.0.0.1:{port}/"
             proc = self._spawn(f"function-{name}", [

@@ -69,7 +69,10 @@ class Services:
     async def close(self) -> None:
         for rt in self.runtimes.values():
             await rt.aclose()
-        await self.nc.drain()
+        try:
+            await asyncio.wait_for(self.nc.drain(), 5)
+        except (TimeoutError, Exception):  # closing anyway: nothing is lost, JetStream redelivers
+            await self.nc.close()
 
 
 async def open_services(settings: Settings | None = None, provision: bool = False,

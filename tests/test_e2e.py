@@ -1,0 +1,228 @@
+"""End to end on real parts: nats-server, llama-server (router mode, built from source) and the
+real Gemma 3 270M model. Each test starts its own stack on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from autoscaler.client import ChatSession, chat
+from autoscaler.stack import LocalStack, StackConfig
+from events import bus
+from events.codec import Event, to_structured
+from events.types import ChatRequested
+from functions.context import Settings
+from functions.tasks import Tasks
+
+from .conftest import ROOT, Collector, wait_until
+
+pytestmark = pytest.mark.e2e
+MIB = 1 << 20
+A, B = "gemma3-270m", "gemma3-270m-b"
+
+StackFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_stack(tmp_path) -> AsyncIterator[StackFactory]:
+    stacks: list[LocalStack] = []
+
+    async def make(node_memory: int = 1536 * MIB, transport: str = "inprocess",
+                   functions: tuple[str, ...] = ("chat", "load", "evict", "reconcile"),
+                   ack_wait_s: float | None = None) -> tuple[LocalStack, Any]:
+        cfg = StackConfig(state_dir=tmp_path / f"stack{len(stacks)}", nodes=1,
+                          node_memory=node_memory, models=(A, B), nats_port=0,
+                          runtime_port=0, function_port=0, transport=transport,
+                          functions=functions, tick_s=1.0, ack_wait_s=ack_wait_s,
+                          settings=Settings(queue_retry_s=0.2))
+        stack = LocalStack(cfg)
+        stacks.append(stack)
+        await stack.start(progress=True)
+        nc = await bus.connect(stack.nats_url)
+        return stack, nc
+
+    yield make
+    for s in stacks:
+        await s.stop()
+
+
+async def _runtime_models(stack: LocalStack) -> dict[str, str]:
+    async with httpx.AsyncClient() as client:
+        resp = await client.get(stack.runtime_urls["node-0"] + "/models")
+    return {m["id"]: m["status"]["value"] for m in resp.json()["data"]}
+
+
+def _one_end(events: Collector, task_id: str) -> list[Event]:
+    return [e for _, e in events.events if isinstance(e, Event)
+            and e.type in ("chat.completed", "chat.failed") and e.data["task_id"] == task_id]
+
+
+@pytest.mark.parametrize("transport", ["inprocess", "http"])
+async def test_chat_streams_real_text_with_contiguous_seq_and_one_completed(make_stack,
+                                                                            transport):
+    stack, nc = await make_stack(transport=transport)
+    ends = await Collector().attach(nc, "ollama.chat.completed", "ollama.chat.failed")
+    result = await chat(nc, A, "Why is the sky blue?", timeout=120, max_tokens=24)
+    assert result.end.type == "chat.completed", result.end.data
+    stats = result.end.data["stats"]
+    assert [t.seq for t in result.tokens] == list(range(stats["tokens"]))
+    assert stats["tokens"] > 0 and result.text().strip()
+    assert result.text() == result.end.data["text"]
+    assert stats["node"] == "node-0" and stats["ttft_ms"] > 0 and stats["load_ms"] > 0
+    tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET))
+    await wait_until(lambda: tasks.get(result.task_id), what="task record")
+    assert (await tasks.get(result.task_id)).state == "done"
+    assert len(_one_end(ends, result.task_id)) == 1
+    await nc.close()
+
+
+async def test_second_model_evicts_the_idle_first_on_a_node_that_fits_one(make_stack):
+    stack, nc = await make_stack(node_memory=600 * MIB)
+    events = await Collector().attach(nc, "ollama.model.>")
+    first = await chat(nc, A, "Hello", timeout=120, max_tokens=8)
+    assert first.end.type == "chat.completed"
+    assert (await _runtime_models(stack))[A] == "loaded"
+    second = await chat(nc, B, "Hello", timeout=120, max_tokens=8)
+    assert second.end.type == "chat.completed", second.end.data
+    evicted = await wait_until(lambda: events.of_type("model.evicted"), what="model.evicted")
+    assert evicted[0].data["model"] == A and evicted[0].data["bytes_freed"] == 400 * MIB
+    models = await _runtime_models(stack)  # the runtime's own view, not ours
+    assert models[A] == "unloaded" and models[B] == "loaded"
+    await nc.close()
+
+
+async def test_request_waits_queued_while_the_only_model_is_active(make_stack):
+    stack, nc = await make_stack(node_memory=600 * MIB)
+    tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET))
+    long = await ChatSession(nc, ChatRequested(
+        chat_id="long", model=A, messages=[{"role": "user", "content": "Tell a long story."}],
+        options={"max_tokens": 400})).start()
+    await wait_until(lambda: long.result.tokens, timeout=120, what="first token of A")
+    waiting = await ChatSession(nc, ChatRequested(
+        chat_id="waiting", model=B, messages=[{"role": "user", "content": "Hi"}],
+        options={"max_tokens": 8})).start()
+    rec = await wait_until(lambda: tasks.get(waiting.result.task_id), what="task B recorded")
+    await wait_until(lambda: _is_queued(tasks, waiting.result.task_id), timeout=30,
+                     what="B queued")
+    assert not long.done, "A finished before B was seen queued; the test proves nothing"
+    queue = await tasks.queue()
+    assert [q.task_id for q in queue] == [waiting.result.task_id]
+    a = await long.wait(timeout=180)
+    b = await waiting.wait(timeout=180)
+    assert a.end.type == "chat.completed" and b.end.type == "chat.completed", b.end.data
+    assert b.end.data["stats"]["queue_ms"] > 0 and rec is not None
+    assert await tasks.queue() == []
+    await nc.close()
+
+
+async def _is_queued(tasks: Tasks, task_id: str) -> bool:
+    rec = await tasks.get(task_id)
+    return rec is not None and rec.state == "queued"
+
+
+async def test_bad_events_go_to_dead_letter_and_the_next_good_one_is_served(make_stack):
+    stack, nc = await make_stack()
+    js = nc.jetstream()
+    events = await Collector().attach(nc, "ollama.deadletter.>", "ollama.chat.failed")
+    await js.publish("ollama.chat.requested", b"this is not a cloudevent")
+    bad_schema = Event("chat.requested", {"chat_id": "x1", "model": A})  # no messages
+    await js.publish("ollama.chat.requested", to_structured(bad_schema)[1])
+    hostile = Event("chat.requested", {"chat_id": "x2", "model": "../../etc/passwd",
+                                       "messages": [{"role": "user", "content": "hi"}]})
+    await js.publish("ollama.chat.requested", to_structured(hostile)[1])
+    unknown = Event("chat.requested", {"chat_id": "x3", "model": "no-such-model:7b",
+                                       "messages": [{"role": "user", "content": "hi"}]})
+    await bus.publish(js, unknown)
+    huge = Event("chat.requested", {"chat_id": "x4", "model": A,
+                                    "messages": [{"role": "user", "content": "w " * 60000}]})
+    await bus.publish(js, huge)
+    await wait_until(lambda: len(events.dead()) >= 5, what="five dead letters")
+    reasons = " | ".join(d["reason"] for d in events.dead())
+    assert "malformed event" in reasons and "invalid chat.requested" in reasons
+    assert "unknown model 'no-such-model:7b'" in reasons and "exceeds" in reasons
+    assert "invalid model name" in reasons
+    assert any(d["body"] == "this is not a cloudevent" for d in events.dead())
+    failed = {e.data["chat_id"]: e.data["error"]["code"] for e in events.of_type("chat.failed")}
+    assert failed.get("x3") == "unknown_model" and failed.get("x4") == "prompt_too_long"
+    good = await chat(nc, A, "Hello", timeout=120, max_tokens=6)
+    assert good.end.type == "chat.completed"
+    await nc.close()
+
+
+async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack):
+    stack, nc = await make_stack(functions=("load", "evict", "reconcile"), ack_wait_s=3.0)
+    ends = await Collector().attach(nc, "ollama.chat.completed", "ollama.chat.failed")
+
+    def worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "autoscaler.cli", "--nats", stack.nats_url, "worker",
+             "--functions", "chat", "--ack-wait", "3"], cwd=ROOT, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+
+    first = worker()
+    second = None
+    try:
+        session = await ChatSession(nc, ChatRequested(
+            chat_id=uuid.uuid4().hex[:12], model=A,
+            messages=[{"role": "user", "content": "Tell a long story."}],
+            options={"max_tokens": 300, "temperature": 0})).start()
+        await wait_until(lambda: len(session.result.tokens) >= 5, timeout=120,
+                         what="tokens from the first worker")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        assert not session.done
+        second = worker()
+        result = await session.wait(timeout=180)
+        assert result.end.type == "chat.completed", result.end.data
+        attempt = result.end.data["stats"]["attempt"]
+        assert attempt >= 2
+        final = [t.seq for t in result.tokens if t.attempt == attempt]
+        assert final == list(range(result.end.data["stats"]["tokens"]))
+        await asyncio.sleep(0)
+        assert len(_one_end(ends, result.task_id)) == 1
+        # The dead worker's lease was taken over by the same task id, then released.
+        rec, _ = await stack.svc.fleet.get("node-0")
+        assert rec.models[A].active == 0
+    finally:
+        for p in (first, second):
+            if p and p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+                p.wait(10)
+    await nc.close()
+
+
+async def test_cli_chat_prints_text_and_stats(make_stack):
+    stack, nc = await make_stack()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "autoscaler.cli", "--nats", stack.nats_url, "chat", "--model", A,
+        "--max-tokens", "12", "Why is the sky blue?", cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    last = out.decode().strip().splitlines()[-1]
+    assert last.startswith("[queue_ms=") and "tokens=12" in last and "node=node-0" in last
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "autoscaler.cli", "--nats", stack.nats_url, "status", "--json",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    status = json.loads(out)
+    assert status["nodes"][0]["models"][A]["state"] == "ready"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "autoscaler.cli", "--nats", stack.nats_url, "chat", "--model",
+        "missing-model", "hi", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and b"unknown_model" in err
+    await nc.close()
