@@ -43,12 +43,27 @@ def ensure_llama_server(cache_dir: Path = CACHE_DIR, progress: Progress = _say) 
     src = root / "src"
     if not (src / "CMakeLists.txt").is_file():
         root.mkdir(parents=True, exist_ok=True)
-        progress(f"llama-server: downloading the llama.cpp sources "
-                 f"(llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist from PyPI)")
+        progress(
+            f"llama-server: downloading the llama.cpp sources "
+            f"(llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist from PyPI)"
+        )
         dl = root / "sdist"
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--no-binary", ":all:", "--dest", str(dl),
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                str(dl),
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+            ],
+            check=True,
+        )
         archive = next(dl.glob("llama_cpp_python-*.tar.gz"))
         prefix = archive.name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
         tmp = root / "src.partial"
@@ -56,25 +71,51 @@ def ensure_llama_server(cache_dir: Path = CACHE_DIR, progress: Progress = _say) 
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             for m in members:
-                m.name = m.name[len(prefix):]
+                m.name = m.name[len(prefix) :]
             tar.extractall(tmp, members=[m for m in members if m.name], filter="data")
         tmp.rename(src)
         shutil.rmtree(dl, ignore_errors=True)
     build = root / "build"
     progress("llama-server: configuring (cmake) ...")
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, stdout=subprocess.DEVNULL)
-    progress(f"llama-server: compiling with {os.cpu_count()} jobs; about 6 minutes on 2 cores, "
-             "once (cached in " + str(root) + ")")
-    proc = subprocess.Popen(["cmake", "--build", str(build), "--target", "llama-server",
-                             "-j", str(os.cpu_count() or 2)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(build),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    progress(
+        f"llama-server: compiling with {os.cpu_count()} jobs; about 6 minutes on 2 cores, "
+        "once (cached in " + str(root) + ")"
+    )
+    proc = subprocess.Popen(
+        [
+            "cmake",
+            "--build",
+            str(build),
+            "--target",
+            "llama-server",
+            "-j",
+            str(os.cpu_count() or 2),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     last = -1
     assert proc.stdout is not None
     tail: list[str] = []
     for line in proc.stdout:
-        tail = (tail + [line.rstrip()])[-30:]
+        tail = [*tail, line.rstrip()][-30:]
         m = re.match(r"\[\s*(\d+)%\]", line)
         if m and int(m.group(1)) >= last + 5:
             last = int(m.group(1))

@@ -44,11 +44,17 @@ async def cmd_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.policy:
         settings = Settings(**{**settings.__dict__, "policy": args.policy})
-    cfg = StackConfig(nodes=args.nodes, node_memory=parse_bytes(args.node_memory),
-                      nats_port=args.nats_port, runtime_port=args.runtime_port,
-                      function_port=args.function_port, transport=args.transport,
-                      settings=settings, fresh=args.fresh,
-                      state_dir=Path(args.state_dir) if args.state_dir else StackConfig().state_dir)
+    cfg = StackConfig(
+        nodes=args.nodes,
+        node_memory=parse_bytes(args.node_memory),
+        nats_port=args.nats_port,
+        runtime_port=args.runtime_port,
+        function_port=args.function_port,
+        transport=args.transport,
+        settings=settings,
+        fresh=args.fresh,
+        state_dir=Path(args.state_dir) if args.state_dir else StackConfig().state_dir,
+    )
     if args.models:
         cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     stack = LocalStack(cfg)
@@ -59,8 +65,11 @@ async def cmd_up(args: argparse.Namespace) -> int:
     print(f"starting ollama-autoscaler (state in {cfg.state_dir}) ...", flush=True)
     await stack.start()
     print(stack.describe(), flush=True)
-    print(f"\ntry:  ollama-autoscaler chat --model {cfg.models[0]} \"Why is the sky blue?\"\n"
-          "      ollama-autoscaler status\nCtrl-C stops everything.", flush=True)
+    print(
+        f'\ntry:  ollama-autoscaler chat --model {cfg.models[0]} "Why is the sky blue?"\n'
+        "      ollama-autoscaler status\nCtrl-C stops everything.",
+        flush=True,
+    )
     watcher = asyncio.create_task(_watch_procs(stack, stop))
     await stop.wait()
     watcher.cancel()
@@ -74,8 +83,11 @@ async def _watch_procs(stack: Any, stop: asyncio.Event) -> None:
     while not stop.is_set():
         for p in stack.procs:
             if p.popen.poll() is not None:
-                print(f"{p.name} exited with {p.popen.returncode}; see {p.log_path}; "
-                      "stopping", file=sys.stderr, flush=True)
+                print(
+                    f"{p.name} exited with {p.popen.returncode}; see {p.log_path}; stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 stop.set()
                 return
         await asyncio.sleep(1)
@@ -103,8 +115,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     for name in names:
         spec = bus.CONSUMERS[name]
         if args.ack_wait:
-            spec = bus.ConsumerSpec(spec.name, spec.event_type, args.ack_wait,
-                                    spec.max_ack_pending)
+            spec = bus.ConsumerSpec(spec.name, spec.event_type, args.ack_wait, spec.max_ack_pending)
         handler = HANDLERS[name]
         d = Dispatcher(svc.js, spec, in_process(lambda e, a, h=handler: h(svc, e, a)))
         dispatchers.append(d)
@@ -130,9 +141,12 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     if args.temperature is not None:
         options["temperature"] = args.temperature
     try:
-        req = ChatRequested(chat_id=args.chat_id or uuid.uuid4().hex[:16], model=args.model,
-                            messages=[{"role": "user", "content": args.prompt}],
-                            options=options)
+        req = ChatRequested(
+            chat_id=args.chat_id or uuid.uuid4().hex[:16],
+            model=args.model,
+            messages=[{"role": "user", "content": args.prompt}],
+            options=options,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -163,8 +177,11 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     try:
         result = await session.wait(timeout=max(0.1, deadline - time.monotonic()))
     except TimeoutError:
-        print(f"\nerror: no answer within {args.timeout:.0f}s; see "
-              f"`ollama-autoscaler task {task_id}`", file=sys.stderr)
+        print(
+            f"\nerror: no answer within {args.timeout:.0f}s; see "
+            f"`ollama-autoscaler task {task_id}`",
+            file=sys.stderr,
+        )
         await nc.close()
         return 3
     await nc.close()
@@ -177,9 +194,11 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     if not result.tokens:
         print(done.text, end="")
     s = done.stats
-    print(f"\n\n[queue_ms={s.queue_ms:.0f} load_ms={s.load_ms:.0f} ttft_ms={s.ttft_ms:.0f} "
-          f"tokens={s.tokens} tokens/s={s.tokens_per_s:.1f} node={s.node} model={s.model} "
-          f"task={done.task_id}]")
+    print(
+        f"\n\n[queue_ms={s.queue_ms:.0f} load_ms={s.load_ms:.0f} ttft_ms={s.ttft_ms:.0f} "
+        f"tokens={s.tokens} tokens/s={s.tokens_per_s:.1f} node={s.node} model={s.model} "
+        f"task={done.task_id}]"
+    )
     return 0
 
 
@@ -190,25 +209,40 @@ async def cmd_status(args: argparse.Namespace) -> int:
     queue = await svc.tasks.queue()
     now = time.time()
     if args.json:
-        print(json.dumps({"nodes": [r.model_dump() for r, _ in nodes],
-                          "queue": [q.model_dump() for q in queue]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "nodes": [r.model_dump() for r, _ in nodes],
+                    "queue": [q.model_dump() for q in queue],
+                },
+                indent=2,
+            )
+        )
         await svc.close()
         return 0
     if not nodes:
         print("no nodes registered (is the stack running? `make run`)")
     for rec, rev in nodes:
         age = now - rec.heartbeat_at
-        print(f"node {rec.node_id}  {rec.runtime} {rec.url}  capacity {_fmt_bytes(rec.capacity_bytes)}"
-              f"  free {_fmt_bytes(rec.free_bytes())}  measured free "
-              f"{_fmt_bytes(rec.measured_free_bytes)}  heartbeat {age:.1f}s ago  rev {rev}")
+        cap = _fmt_bytes(rec.capacity_bytes)
+        print(
+            f"node {rec.node_id}  {rec.runtime} {rec.url}  capacity {cap}"
+            f"  free {_fmt_bytes(rec.free_bytes())}  measured free "
+            f"{_fmt_bytes(rec.measured_free_bytes)}  heartbeat {age:.1f}s ago  rev {rev}"
+        )
         if not rec.models:
             print("    (no models loaded)")
         for name, slot in sorted(rec.models.items()):
-            ka = (f"keep-alive {max(0, slot.keep_alive_until - now):.0f}s"
-                  if slot.keep_alive_until else "")
-            print(f"    {name:<28} {slot.state:<9} active {slot.active}  "
-                  f"{_fmt_bytes(slot.bytes):>9}  {ka}"
-                  + (f"  load {slot.load_ms:.0f} ms" if slot.load_ms else ""))
+            ka = (
+                f"keep-alive {max(0, slot.keep_alive_until - now):.0f}s"
+                if slot.keep_alive_until
+                else ""
+            )
+            print(
+                f"    {name:<28} {slot.state:<9} active {slot.active}  "
+                f"{_fmt_bytes(slot.bytes):>9}  {ka}"
+                + (f"  load {slot.load_ms:.0f} ms" if slot.load_ms else "")
+            )
         for name, err in rec.errors.items():
             print(f"    ! {name}: {err}")
     print(f"queue depth: {len(queue)}")
@@ -228,9 +262,11 @@ async def cmd_models(args: argparse.Namespace) -> int:
     if not models:
         print("the catalog is empty (is the stack running?)")
     for m in models:
-        print(f"{m.name:<28} {_fmt_bytes(m.bytes):>9}  {m.family or '':<8} {m.params or '':<6} "
-              f"{m.quant or '':<8} ctx {m.context or '-':<6} "
-              f"{', '.join(where.get(m.name, [])) or 'not loaded'}")
+        print(
+            f"{m.name:<28} {_fmt_bytes(m.bytes):>9}  {m.family or '':<8} {m.params or '':<6} "
+            f"{m.quant or '':<8} ctx {m.context or '-':<6} "
+            f"{', '.join(where.get(m.name, [])) or 'not loaded'}"
+        )
     await svc.close()
     return 0
 
@@ -248,8 +284,11 @@ async def cmd_task(args: argparse.Namespace) -> int:
 
 async def _manual(args: argparse.Namespace, kind: str) -> int:
     svc = await _open(args.nats)
-    data = (ModelLoad(model=args.model, node=args.node, reason="manual") if kind == "model.load"
-            else ModelEvict(model=args.model, node=args.node, reason="manual"))
+    data = (
+        ModelLoad(model=args.model, node=args.node, reason="manual")
+        if kind == "model.load"
+        else ModelEvict(model=args.model, node=args.node, reason="manual")
+    )
     event = Event(kind, data.model_dump())
     rejected: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -297,9 +336,18 @@ async def cmd_evict(args: argparse.Namespace) -> int:
     return await _manual(args, "model.evict")
 
 
+async def cmd_prepare(args: argparse.Namespace) -> int:
+    from .assets import ensure_gemma, ensure_llama_server
+
+    print(f"llama-server: {ensure_llama_server()}")
+    print(f"gemma 3 270m: {ensure_gemma()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ollama-autoscaler",
-                                description="VRAM-aware, event-driven serving for LLM fleets")
+    p = argparse.ArgumentParser(
+        prog="ollama-autoscaler", description="VRAM-aware, event-driven serving for LLM fleets"
+    )
     p.add_argument("--nats", default=bus.DEFAULT_NATS_URL, help="NATS URL (default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -309,15 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--node-memory", default="1.5GiB", help="memory budget per node")
     up.add_argument("--models", help="comma-separated model names (aliases of Gemma 3 270M)")
     up.add_argument("--policy", choices=["cost", "fewest", "lru"])
-    up.add_argument("--transport", choices=["http", "inprocess"], default="http",
-                    help="http: functions-framework servers (the Knative shape); "
-                         "inprocess: handlers called by the dispatchers")
+    up.add_argument(
+        "--transport",
+        choices=["http", "inprocess"],
+        default="http",
+        help="http: functions-framework servers (the Knative shape); "
+        "inprocess: handlers called by the dispatchers",
+    )
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument("--runtime-port", type=int, default=8081)
     up.add_argument("--function-port", type=int, default=8090)
     up.add_argument("--state-dir")
     up.add_argument("--fresh", action="store_true", help="wipe JetStream state first")
     up.set_defaults(fn=cmd_up)
+
+    sub.add_parser(
+        "prepare",
+        help="build llama-server (once, cached) and assemble the Gemma "
+        "GGUF, without starting anything",
+    ).set_defaults(fn=cmd_prepare)
 
     w = sub.add_parser("worker", help="pull worker: run functions in-process on a running bus")
     w.add_argument("--functions", default="chat,load,evict,reconcile")
@@ -337,9 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
     sub.add_parser("models", help="the model catalog and where each is loaded").set_defaults(
-        fn=cmd_models)
-    for name, fn, hlp in (("load", cmd_load, "load a model (plans; may evict)"),
-                          ("evict", cmd_evict, "unload a model (refused while in use)")):
+        fn=cmd_models
+    )
+    for name, fn, hlp in (
+        ("load", cmd_load, "load a model (plans; may evict)"),
+        ("evict", cmd_evict, "unload a model (refused while in use)"),
+    ):
         m = sub.add_parser(name, help=hlp)
         m.add_argument("model")
         m.add_argument("--node")
@@ -353,9 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or args.cmd in ("up", "worker")
-                        else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.cmd in ("up", "worker") else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     logging.getLogger("nats").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

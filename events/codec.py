@@ -19,8 +19,16 @@ from .types import EVENT_SOURCE
 
 SPECVERSION = "1.0"
 REQUIRED = ("id", "source", "type", "specversion")
-CORE_ATTRS = {"id", "source", "type", "specversion", "time", "subject", "datacontenttype",
-              "dataschema"}
+CORE_ATTRS = {
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "time",
+    "subject",
+    "datacontenttype",
+    "dataschema",
+}
 STRUCTURED_CT = "application/cloudevents+json"
 MAX_EVENT_BYTES = 1_048_576  # the NATS default max_payload
 
@@ -47,8 +55,12 @@ class Event:
     extensions: dict[str, str] = field(default_factory=dict)
 
     def attributes(self) -> dict[str, str]:
-        attrs = {"id": self.id, "source": self.source, "type": self.type,
-                 "specversion": self.specversion}
+        attrs = {
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "specversion": self.specversion,
+        }
         for name in ("time", "subject", "datacontenttype"):
             value = getattr(self, name)
             if value is not None:
@@ -104,12 +116,20 @@ def _build(attrs: dict[str, Any], data: Any) -> Event:
         raise CodecError(f"unsupported specversion {attrs['specversion']!r}; expected '1.0'")
     for name in REQUIRED:
         if not isinstance(attrs[name], str):
-            raise CodecError(f"attribute {name!r} must be a string, got {type(attrs[name]).__name__}")
+            kind = type(attrs[name]).__name__
+            raise CodecError(f"attribute {name!r} must be a string, got {kind}")
     ext = {k: str(v) for k, v in attrs.items() if k not in CORE_ATTRS}
-    return Event(type=attrs["type"], data=data, id=attrs["id"], source=attrs["source"],
-                 specversion=attrs["specversion"], time=attrs.get("time"),
-                 subject=attrs.get("subject"), datacontenttype=attrs.get("datacontenttype"),
-                 extensions=ext)
+    return Event(
+        type=attrs["type"],
+        data=data,
+        id=attrs["id"],
+        source=attrs["source"],
+        specversion=attrs["specversion"],
+        time=attrs.get("time"),
+        subject=attrs.get("subject"),
+        datacontenttype=attrs.get("datacontenttype"),
+        extensions=ext,
+    )
 
 
 def decode(headers: dict[str, str] | None, body: bytes) -> Event:
@@ -119,14 +139,16 @@ def decode(headers: dict[str, str] | None, body: bytes) -> Event:
     h = {k.lower(): v for k, v in (headers or {}).items()}
     content_type = h.get("content-type")
     binary = "ce-specversion" in h and not (
-        content_type and content_type.lower().startswith("application/cloudevents"))
+        content_type and content_type.lower().startswith("application/cloudevents")
+    )
     if binary:
         attrs = {k[3:]: _unquote_header(v) for k, v in h.items() if k.startswith("ce-")}
         attrs.setdefault("datacontenttype", content_type or "application/json")
         return _build(attrs, _decode_body(body, attrs.get("datacontenttype")))
     if content_type and not content_type.lower().startswith("application/cloudevents") and h:
         raise CodecError(
-            f"binary-mode event without ce-specversion header (Content-Type {content_type!r})")
+            f"binary-mode event without ce-specversion header (Content-Type {content_type!r})"
+        )
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -141,7 +163,10 @@ def decode(headers: dict[str, str] | None, body: bytes) -> Event:
 
 def to_http_binary(event: Event) -> tuple[dict[str, str], bytes]:
     """Binary-mode HTTP request parts, exactly as Knative delivers to a function."""
-    headers = {f"ce-{k}": quote(str(v), safe=_SAFE)
-               for k, v in event.attributes().items() if k != "datacontenttype"}
+    headers = {
+        f"ce-{k}": quote(str(v), safe=_SAFE)
+        for k, v in event.attributes().items()
+        if k != "datacontenttype"
+    }
     headers["content-type"] = event.datacontenttype or "application/json"
     return headers, _encode_data(event)

@@ -35,15 +35,17 @@ def backoff(attempt: int, base: float = 0.25, cap: float = 5.0) -> float:
     return min(cap, base * (2 ** max(0, attempt - 1)))
 
 
-def in_process(handler: Callable[[Event, int], Awaitable[Outcome]]) -> Deliver:
-    """Deliver by calling the handler; an exception becomes a failed Retry."""
+def in_process(
+    handler: Callable[[Event, int], Awaitable[Outcome]], retry_base_s: float = 0.25
+) -> Deliver:
+    """Deliver by calling the handler; an exception becomes a failed Retry with backoff."""
 
     async def deliver(event: Event, attempt: int) -> Outcome:
         try:
             return await handler(event, attempt)
         except Exception as exc:  # a handler bug must not kill the dispatcher
             log.exception("handler raised on %s %s", event.type, event.id)
-            return Retry(backoff(attempt), f"{exc.__class__.__name__}: {exc}")
+            return Retry(backoff(attempt, retry_base_s), f"{exc.__class__.__name__}: {exc}")
 
     return deliver
 
@@ -72,8 +74,9 @@ class Stats:
 
 
 class Dispatcher:
-    def __init__(self, js: JetStreamContext, spec: ConsumerSpec, deliver: Deliver,
-                 concurrency: int = 64) -> None:
+    def __init__(
+        self, js: JetStreamContext, spec: ConsumerSpec, deliver: Deliver, concurrency: int = 64
+    ) -> None:
         self.js, self.spec, self.deliver = js, spec, deliver
         self.concurrency = concurrency
         self.stats = Stats()
@@ -81,14 +84,20 @@ class Dispatcher:
 
     async def dead_letter(self, msg: Msg, reason: str, event: Event | None) -> None:
         record = DeadLetter(
-            reason=reason, consumer=self.spec.name, subject=msg.subject,
-            event_type=event.type if event else None, event_id=event.id if event else None,
-            headers=dict(msg.headers or {}), body=msg.data.decode("utf-8", errors="replace"),
-            num_delivered=msg.metadata.num_delivered if msg.reply else 1)
+            reason=reason,
+            consumer=self.spec.name,
+            subject=msg.subject,
+            event_type=event.type if event else None,
+            event_id=event.id if event else None,
+            headers=dict(msg.headers or {}),
+            body=msg.data.decode("utf-8", errors="replace"),
+            num_delivered=msg.metadata.num_delivered if msg.reply else 1,
+        )
         subject = f"{DEAD_LETTER_PREFIX}.{self.spec.name}"
         await self.js.publish(subject, record.model_dump_json().encode())
-        log.warning("dead-letter consumer=%s subject=%s reason=%s", self.spec.name,
-                    msg.subject, reason)
+        log.warning(
+            "dead-letter consumer=%s subject=%s reason=%s", self.spec.name, msg.subject, reason
+        )
 
     async def _keep_alive(self, msg: Msg) -> None:
         interval = max(0.5, self.spec.ack_wait_s / 3)
@@ -105,8 +114,9 @@ class Dispatcher:
         try:
             event = decode(dict(msg.headers or {}), msg.data)
             if event.type != self.spec.event_type:
-                raise CodecError(f"consumer {self.spec.name} takes {self.spec.event_type!r}, "
-                                 f"got {event.type!r}")
+                raise CodecError(
+                    f"consumer {self.spec.name} takes {self.spec.event_type!r}, got {event.type!r}"
+                )
         except CodecError as exc:
             await self.dead_letter(msg, f"malformed event: {exc}", event)
             await msg.term()
@@ -130,8 +140,13 @@ class Dispatcher:
             await self.dead_letter(msg, outcome.reason, event)
             await msg.term()
             self.stats.rejected += 1
-        log.debug("%s %s -> %s in %.1f ms", self.spec.name, event.id, outcome,
-                  (time.perf_counter() - t0) * 1000)
+        log.debug(
+            "%s %s -> %s in %.1f ms",
+            self.spec.name,
+            event.id,
+            outcome,
+            (time.perf_counter() - t0) * 1000,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self.js.pull_subscribe_bind(durable=self.spec.name, stream=EVENTS_STREAM)
@@ -144,7 +159,7 @@ class Dispatcher:
                     continue
                 try:
                     msgs = await sub.fetch(batch=min(free, 32), timeout=0.5)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 except nats.errors.ConnectionClosedError:
                     return

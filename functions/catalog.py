@@ -37,5 +37,7 @@ class Catalog:
 
     async def all(self) -> list[ModelInfo]:
         entries = await snapshot(self.kv, "model.*")
-        return sorted((ModelInfo.model_validate_json(e.value) for e in entries if e.value),
-                      key=lambda m: m.name)
+        return sorted(
+            (ModelInfo.model_validate_json(e.value) for e in entries if e.value),
+            key=lambda m: m.name,
+        )

@@ -54,28 +54,39 @@ def _event_time(event: Event, now: float) -> float:
 
 
 async def _fail(svc: Services, task: TaskRecord, code: str, message: str) -> None:
-    task.state, task.error, task.updated_at = "failed", {"code": code, "message": message}, \
-        time.time()
+    task.state, task.error, task.updated_at = (
+        "failed",
+        {"code": code, "message": message},
+        time.time(),
+    )
     await svc.tasks.put(task)
     await svc.tasks.dequeue(task.task_id)
-    data = ChatFailed(chat_id=task.chat_id, task_id=task.task_id,
-                      error=ErrorInfo(code=code, message=message))
-    await bus.publish(svc.js, Event("chat.failed", data.model_dump()),
-                      msg_id=f"{task.task_id}.end")
-    log.info("chat.failed task_id=%s chat_id=%s model=%s code=%s", task.task_id, task.chat_id,
-             task.model, code)
+    data = ChatFailed(
+        chat_id=task.chat_id, task_id=task.task_id, error=ErrorInfo(code=code, message=message)
+    )
+    await bus.publish(svc.js, Event("chat.failed", data.model_dump()), msg_id=f"{task.task_id}.end")
+    log.info(
+        "chat.failed task_id=%s chat_id=%s model=%s code=%s",
+        task.task_id,
+        task.chat_id,
+        task.model,
+        code,
+    )
 
 
 async def _lease_ready(svc: Services, req: ChatRequested, task_id: str) -> NodeRecord | None:
     """Take a lease on a node where the model is ready (least active first)."""
     now = time.time()
     nodes = [r for r, _ in await svc.fleet.nodes() if planner.node_is_live(r, now)]
-    ready = sorted((r for r in nodes if (s := r.models.get(req.model)) and s.state == "ready"),
-                   key=lambda r: (r.models[req.model].active, r.node_id))
+    ready = sorted(
+        (r for r in nodes if (s := r.models.get(req.model)) and s.state == "ready"),
+        key=lambda r: (r.models[req.model].active, r.node_id),
+    )
     for record in ready:
         try:
             return await svc.fleet.update(
-                record.node_id, lambda r: state.take_lease(r, req.model, task_id, time.time()))
+                record.node_id, lambda r: state.take_lease(r, req.model, task_id, time.time())
+            )
         except TransitionError:
             continue
     for record in nodes:  # already loading somewhere: reserve our place on that slot
@@ -83,8 +94,8 @@ async def _lease_ready(svc: Services, req: ChatRequested, task_id: str) -> NodeR
         if slot and slot.state == "loading":
             try:
                 return await svc.fleet.update(
-                    record.node_id,
-                    lambda r: state.take_lease(r, req.model, task_id, time.time()))
+                    record.node_id, lambda r: state.take_lease(r, req.model, task_id, time.time())
+                )
             except TransitionError:
                 continue
     return None
@@ -102,8 +113,9 @@ async def _renew(svc: Services, node_id: str, model: str, task_id: str) -> None:
     while True:
         await asyncio.sleep(LEASE_RENEW_S)
         with contextlib.suppress(TransitionError, TimeoutError):
-            await svc.fleet.update(node_id,
-                                   lambda r: state.take_lease(r, model, task_id, time.time()))
+            await svc.fleet.update(
+                node_id, lambda r: state.take_lease(r, model, task_id, time.time())
+            )
 
 
 async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
@@ -113,8 +125,14 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         reason = f"invalid chat.requested data: {exc.errors(include_url=False)}"
         chat_id = event.data.get("chat_id") if isinstance(event.data, dict) else None
         if isinstance(chat_id, str) and CHAT_ID_RE.match(chat_id):
-            task = TaskRecord(task_id=event.id, chat_id=chat_id, model="?", state="failed",
-                              created_at=time.time(), updated_at=time.time())
+            task = TaskRecord(
+                task_id=event.id,
+                chat_id=chat_id,
+                model="?",
+                state="failed",
+                created_at=time.time(),
+                updated_at=time.time(),
+            )
             await _fail(svc, task, "invalid_request", reason)
         return Reject(reason)
 
@@ -123,8 +141,14 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     if task and task.state in TERMINAL:
         return Done("duplicate delivery of a finished task")
     if task is None:
-        task = TaskRecord(task_id=task_id, chat_id=req.chat_id, model=req.model,
-                          state="placing", created_at=_event_time(event, now), updated_at=now)
+        task = TaskRecord(
+            task_id=task_id,
+            chat_id=req.chat_id,
+            model=req.model,
+            state="placing",
+            created_at=_event_time(event, now),
+            updated_at=now,
+        )
     task.attempt = attempt
 
     info = await svc.catalog.get(req.model)
@@ -136,8 +160,10 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     context = req.options.num_ctx or info.context or 2048
     est_tokens = req.prompt_chars() / svc.settings.chars_per_token
     if est_tokens > context:
-        msg = (f"prompt of ~{est_tokens:.0f} tokens exceeds the {context}-token context of "
-               f"{req.model}; shorten it or raise options.num_ctx")
+        msg = (
+            f"prompt of ~{est_tokens:.0f} tokens exceeds the {context}-token context of "
+            f"{req.model}; shorten it or raise options.num_ctx"
+        )
         await _fail(svc, task, "prompt_too_long", msg)
         return Reject(msg)
 
@@ -147,8 +173,12 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     if record is None:
         reserved = frozenset(e.model for e in await svc.tasks.queue() if e.task_id != task_id)
         result = await svc.fleet.place(
-            planner.PlanRequest(req.model, info.bytes, reserved), time.time(),
-            svc.settings.policy, task_id, reason=f"chat {task_id}")
+            planner.PlanRequest(req.model, info.bytes, reserved),
+            time.time(),
+            svc.settings.policy,
+            task_id,
+            reason=f"chat {task_id}",
+        )
         if isinstance(result, planner.Reject):
             await _fail(svc, task, "model_too_large", result.reason)
             return Reject(result.reason)
@@ -156,22 +186,46 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             if task.state != "queued":
                 task.state, task.reason, task.updated_at = "queued", result.reason, time.time()
                 await svc.tasks.put(task)
-                await svc.tasks.enqueue(QueueEntry(task_id=task_id, model=req.model,
-                                                   since=time.time(), reason=result.reason))
-                log.info("queued task_id=%s model=%s reason=%s", task_id, req.model,
-                         result.reason)
-            return Retry(min(2.0, svc.settings.queue_retry_s * (1 + attempt / 10)),
-                         result.reason, failure=False)
+                await svc.tasks.enqueue(
+                    QueueEntry(
+                        task_id=task_id, model=req.model, since=time.time(), reason=result.reason
+                    )
+                )
+                log.info("queued task_id=%s model=%s reason=%s", task_id, req.model, result.reason)
+            return Retry(
+                min(2.0, svc.settings.queue_retry_s * (1 + attempt / 10)),
+                result.reason,
+                failure=False,
+            )
         placed_at = time.time()
         for victim in result.evict:
-            await bus.publish(svc.js, Event("model.evict", ModelEvict(
-                model=victim, node=result.node_id, reason=f"make room for {req.model}"
-            ).model_dump()))
-        await bus.publish(svc.js, Event("model.load", ModelLoad(
-            model=req.model, node=result.node_id, reason="chat", task_id=task_id).model_dump()),
-            msg_id=f"{task_id}.load.{attempt}")
-        log.info("placed task_id=%s model=%s node=%s evict=%s policy=%s", task_id, req.model,
-                 result.node_id, list(result.evict), svc.settings.policy)
+            await bus.publish(
+                svc.js,
+                Event(
+                    "model.evict",
+                    ModelEvict(
+                        model=victim, node=result.node_id, reason=f"make room for {req.model}"
+                    ).model_dump(),
+                ),
+            )
+        await bus.publish(
+            svc.js,
+            Event(
+                "model.load",
+                ModelLoad(
+                    model=req.model, node=result.node_id, reason="chat", task_id=task_id
+                ).model_dump(),
+            ),
+            msg_id=f"{task_id}.load.{attempt}",
+        )
+        log.info(
+            "placed task_id=%s model=%s node=%s evict=%s policy=%s",
+            task_id,
+            req.model,
+            result.node_id,
+            list(result.evict),
+            svc.settings.policy,
+        )
         record, _ = await svc.fleet.get(result.node_id)
     await svc.tasks.dequeue(task_id)
     queue_ms = (placed_at - task.created_at) * 1000
@@ -185,8 +239,9 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         try:
             record = await _wait_ready(svc, node_id, req.model)
         except TimeoutError as exc:
-            await svc.fleet.update(node_id, lambda r: state.release_lease(
-                r, req.model, task_id, time.time(), 0))
+            await svc.fleet.update(
+                node_id, lambda r: state.release_lease(r, req.model, task_id, time.time(), 0)
+            )
             return Retry(backoff(attempt), str(exc))
         slot = record.models.get(req.model)
         if slot is None:
@@ -208,15 +263,21 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         async for text in runtime.chat(req.model, messages, req.options.model_dump()):
             if first_at is None:
                 first_at = time.time()
-            token = ChatToken(chat_id=req.chat_id, task_id=task_id, seq=len(pieces), text=text,
-                              attempt=attempt)
-            await bus.publish_fast(svc.nc, Event("chat.token", token.model_dump()),
-                                   chat_id=req.chat_id)
+            token = ChatToken(
+                chat_id=req.chat_id, task_id=task_id, seq=len(pieces), text=text, attempt=attempt
+            )
+            await bus.publish_fast(
+                svc.nc, Event("chat.token", token.model_dump()), chat_id=req.chat_id
+            )
             pieces.append(text)
     except RuntimeFailure as exc:
         renew.cancel()
-        await svc.fleet.update(node_id, lambda r: state.release_lease(
-            r, req.model, task_id, time.time(), svc.settings.keep_alive_s))
+        await svc.fleet.update(
+            node_id,
+            lambda r: state.release_lease(
+                r, req.model, task_id, time.time(), svc.settings.keep_alive_s
+            ),
+        )
         if exc.code == "model_not_loaded" and attempt < 5:
             return Retry(backoff(attempt), f"runtime lost {req.model}: {exc}")
         await _fail(svc, task, exc.code, str(exc))
@@ -227,26 +288,48 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     renew.cancel()
     end = time.time()
     keep_alive = req.options.keep_alive_s
-    await svc.fleet.update(node_id, lambda r: state.release_lease(
-        r, req.model, task_id, end,
-        svc.settings.keep_alive_s if keep_alive is None else keep_alive))
+    await svc.fleet.update(
+        node_id,
+        lambda r: state.release_lease(
+            r,
+            req.model,
+            task_id,
+            end,
+            svc.settings.keep_alive_s if keep_alive is None else keep_alive,
+        ),
+    )
 
     first_at = first_at or end
     gen_s = max(1e-6, end - first_at)
     stats = ChatStats(
-        queue_ms=round(queue_ms, 1), load_ms=round(load_ms, 1),
+        queue_ms=round(queue_ms, 1),
+        load_ms=round(load_ms, 1),
         ttft_ms=round((first_at - task.created_at) * 1000, 1),
-        total_ms=round((end - task.created_at) * 1000, 1), tokens=len(pieces),
+        total_ms=round((end - task.created_at) * 1000, 1),
+        tokens=len(pieces),
         tokens_per_s=round((len(pieces) - 1) / gen_s, 1) if len(pieces) > 1 else 0.0,
-        node=node_id, model=req.model, attempt=attempt)
+        node=node_id,
+        model=req.model,
+        attempt=attempt,
+    )
     task.state, task.updated_at = "done", end
-    task.timings = {"queue_ms": stats.queue_ms, "load_ms": stats.load_ms,
-                    "ttft_ms": stats.ttft_ms, "total_ms": stats.total_ms,
-                    "stream_ms": round((end - t_stream) * 1000, 1)}
+    task.timings = {
+        "queue_ms": stats.queue_ms,
+        "load_ms": stats.load_ms,
+        "ttft_ms": stats.ttft_ms,
+        "total_ms": stats.total_ms,
+        "stream_ms": round((end - t_stream) * 1000, 1),
+    }
     await svc.tasks.put(task)
     done = ChatCompleted(chat_id=req.chat_id, task_id=task_id, text="".join(pieces), stats=stats)
-    await bus.publish(svc.js, Event("chat.completed", done.model_dump()),
-                      msg_id=f"{task_id}.end")
-    log.info("chat.completed task_id=%s chat_id=%s model=%s node=%s tokens=%d ttft_ms=%.0f",
-             task_id, req.chat_id, req.model, node_id, len(pieces), stats.ttft_ms)
+    await bus.publish(svc.js, Event("chat.completed", done.model_dump()), msg_id=f"{task_id}.end")
+    log.info(
+        "chat.completed task_id=%s chat_id=%s model=%s node=%s tokens=%d ttft_ms=%.0f",
+        task_id,
+        req.chat_id,
+        req.model,
+        node_id,
+        len(pieces),
+        stats.ttft_ms,
+    )
     return Done()

@@ -71,12 +71,13 @@ class Services:
             await rt.aclose()
         try:
             await asyncio.wait_for(self.nc.drain(), 5)
-        except (TimeoutError, Exception):  # closing anyway: nothing is lost, JetStream redelivers
+        except Exception:  # closing anyway: nothing is lost, JetStream redelivers
             await self.nc.close()
 
 
-async def open_services(settings: Settings | None = None, provision: bool = False,
-                        ack_wait_s: float | None = None) -> Services:
+async def open_services(
+    settings: Settings | None = None, provision: bool = False, ack_wait_s: float | None = None
+) -> Services:
     """Connect and bind the KV buckets; `provision` creates streams/consumers/buckets first
     (the stack and the CLI do; a function expects them to exist)."""
     settings = settings or Settings.from_env()
@@ -84,9 +85,14 @@ async def open_services(settings: Settings | None = None, provision: bool = Fals
     js = nc.jetstream()
     if provision:
         await bus.provision(js, consumer_ack_wait_s=ack_wait_s)
-    return Services(settings, nc, js, Fleet(await js.key_value(bus.FLEET_BUCKET)),
-                    Tasks(await js.key_value(bus.TASKS_BUCKET)),
-                    Catalog(await js.key_value(bus.MODELS_BUCKET)))
+    return Services(
+        settings,
+        nc,
+        js,
+        Fleet(await js.key_value(bus.FLEET_BUCKET)),
+        Tasks(await js.key_value(bus.TASKS_BUCKET)),
+        Catalog(await js.key_value(bus.MODELS_BUCKET)),
+    )
 
 
 _shared: Services | None = None

@@ -34,16 +34,33 @@ HANDLERS: dict[str, Handler] = {
 def _to_event(headers: dict[str, str], body: bytes) -> Event:
     ce = from_http(headers, body)
     attrs = dict(ce.get_attributes())
-    core = {k: attrs.pop(k, None) for k in ("id", "source", "type", "specversion", "time",
-                                            "subject", "datacontenttype", "dataschema")}
+    core = {
+        k: attrs.pop(k, None)
+        for k in (
+            "id",
+            "source",
+            "type",
+            "specversion",
+            "time",
+            "subject",
+            "datacontenttype",
+            "dataschema",
+        )
+    }
     data = ce.get_data()
     if isinstance(data, (bytes, bytearray)) and data:
         data = json.loads(data)
-    return Event(type=str(core["type"]), data=data, id=str(core["id"]),
-                 source=str(core["source"]), specversion=str(core["specversion"]),
-                 time=core["time"], subject=core["subject"],
-                 datacontenttype=core["datacontenttype"],
-                 extensions={k: str(v) for k, v in attrs.items()})
+    return Event(
+        type=str(core["type"]),
+        data=data,
+        id=str(core["id"]),
+        source=str(core["source"]),
+        specversion=str(core["specversion"]),
+        time=core["time"],
+        subject=core["subject"],
+        datacontenttype=core["datacontenttype"],
+        extensions={k: str(v) for k, v in attrs.items()},
+    )
 
 
 async def _serve(name: str, request: Request) -> Response:

@@ -29,8 +29,11 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         req = ModelEvict.model_validate(event.data)
     except ValidationError as exc:
         return Reject(f"invalid model.evict data: {exc.errors(include_url=False)}")
-    records = [r for r, _ in await svc.fleet.nodes()
-               if (req.node is None or r.node_id == req.node) and req.model in r.models]
+    records = [
+        r
+        for r, _ in await svc.fleet.nodes()
+        if (req.node is None or r.node_id == req.node) and req.model in r.models
+    ]
     if not records:
         return Done(f"{req.model} is not resident" + (f" on {req.node}" if req.node else ""))
     for record in records:
@@ -39,8 +42,10 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             return Reject(f"{req.model} is loading on {record.node_id}; evict it once ready")
         if slot.state == "ready":
             try:
-                record = await svc.fleet.update(record.node_id, lambda r: state.mark_evicting(
-                    r, req.model, time.time(), req.reason))
+                record = await svc.fleet.update(
+                    record.node_id,
+                    lambda r: state.mark_evicting(r, req.model, time.time(), req.reason),
+                )
             except TransitionError as exc:
                 return Reject(f"cannot evict: {exc}")
         runtime = svc.runtime(record.runtime, record.url)
@@ -52,9 +57,25 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         evict_ms = (time.perf_counter() - t0) * 1000
         freed = record.models[req.model].bytes
         await svc.fleet.update(record.node_id, lambda r: state.remove(r, req.model))
-        await bus.publish(svc.js, Event("model.evicted", ModelEvicted(
-            model=req.model, node=record.node_id, bytes_freed=freed, reason=req.reason,
-            evict_ms=round(evict_ms, 1)).model_dump()))
-        log.info("model.evicted model=%s node=%s bytes=%d evict_ms=%.0f reason=%s", req.model,
-                 record.node_id, freed, evict_ms, req.reason)
+        await bus.publish(
+            svc.js,
+            Event(
+                "model.evicted",
+                ModelEvicted(
+                    model=req.model,
+                    node=record.node_id,
+                    bytes_freed=freed,
+                    reason=req.reason,
+                    evict_ms=round(evict_ms, 1),
+                ).model_dump(),
+            ),
+        )
+        log.info(
+            "model.evicted model=%s node=%s bytes=%d evict_ms=%.0f reason=%s",
+            req.model,
+            record.node_id,
+            freed,
+            evict_ms,
+            req.reason,
+        )
     return Done()

@@ -38,12 +38,12 @@ class Fleet:
 
     async def nodes(self) -> list[tuple[NodeRecord, int]]:
         entries = await snapshot(self.kv, "node.*")
-        out = [(NodeRecord.model_validate_json(e.value), e.revision or 0) for e in entries
-               if e.value]
+        out = [
+            (NodeRecord.model_validate_json(e.value), e.revision or 0) for e in entries if e.value
+        ]
         return sorted(out, key=lambda rv: rv[0].node_id)
 
-    async def update(self, node_id: str, transition: Transition,
-                     attempts: int = 200) -> NodeRecord:
+    async def update(self, node_id: str, transition: Transition, attempts: int = 200) -> NodeRecord:
         """Apply `transition` by CAS, retrying on conflict. TransitionError propagates."""
         for _ in range(attempts):
             record, rev = await self.get(node_id)
@@ -64,9 +64,14 @@ class Fleet:
         except KeyWrongLastSequenceError:
             return await self.update(record.node_id, transition)
 
-    async def place(self, req: planner.PlanRequest, now: float, policy: planner.Policy,
-                    task_id: str | None, reason: str = "",
-                    ) -> planner.Placement | planner.Queue | planner.Reject:
+    async def place(
+        self,
+        req: planner.PlanRequest,
+        now: float,
+        policy: planner.Policy,
+        task_id: str | None,
+        reason: str = "",
+    ) -> planner.Placement | planner.Queue | planner.Reject:
         """Plan and commit a placement with one CAS on the chosen node; re-plan on conflict."""
         for _ in range(100):
             records = await self.nodes()
@@ -78,21 +83,24 @@ class Fleet:
                 return result
             record, rev = next(rv for rv in records if rv[0].node_id == result.node_id)
             try:
-                new = reserve(record, req.model, req.bytes, list(result.evict), task_id, now,
-                              reason)
+                new = reserve(
+                    record, req.model, req.bytes, list(result.evict), task_id, now, reason
+                )
             except TransitionError:
                 continue
             try:
-                await self.kv.update(node_key(record.node_id), new.model_dump_json().encode(),
-                                     last=rev)
+                await self.kv.update(
+                    node_key(record.node_id), new.model_dump_json().encode(), last=rev
+                )
                 return result
             except KeyWrongLastSequenceError:
                 log.debug("placement CAS conflict on %s; re-planning", record.node_id)
                 continue
         raise TimeoutError(f"placement of {req.model} lost 100 CAS races in a row")
 
-    async def wait_for(self, node_id: str, predicate: Callable[[NodeRecord], bool],
-                       timeout: float) -> NodeRecord:
+    async def wait_for(
+        self, node_id: str, predicate: Callable[[NodeRecord], bool], timeout: float
+    ) -> NodeRecord:
         """Watch the node's key until `predicate(record)` holds. Raises TimeoutError."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from pydantic import ValidationError
 
 from events import bus
@@ -30,17 +31,28 @@ async def _place(svc: Services, req: ModelLoad) -> str | Outcome:
         return Reject(f"unknown model {req.model!r}: not in the catalog")
     for record, _ in await svc.fleet.nodes():
         if req.model in record.models:
-            return Done(f"{req.model} already {record.models[req.model].state} on "
-                        f"{record.node_id}")
-    result = await svc.fleet.place(planner.PlanRequest(req.model, info.bytes), time.time(),
-                                   svc.settings.policy, None, reason=req.reason)
+            return Done(f"{req.model} already {record.models[req.model].state} on {record.node_id}")
+    result = await svc.fleet.place(
+        planner.PlanRequest(req.model, info.bytes),
+        time.time(),
+        svc.settings.policy,
+        None,
+        reason=req.reason,
+    )
     if isinstance(result, planner.Reject):
         return Reject(result.reason)
     if isinstance(result, planner.Queue):
         return Retry(1.0, result.reason, failure=False)
     for victim in result.evict:
-        await bus.publish(svc.js, Event("model.evict", ModelEvict(
-            model=victim, node=result.node_id, reason=f"make room for {req.model}").model_dump()))
+        await bus.publish(
+            svc.js,
+            Event(
+                "model.evict",
+                ModelEvict(
+                    model=victim, node=result.node_id, reason=f"make room for {req.model}"
+                ).model_dump(),
+            ),
+        )
     return result.node_id
 
 
@@ -57,7 +69,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         node_id = placed
     try:
         record, _ = await svc.fleet.get(node_id)
-    except Exception:
+    except (KeyNotFoundError, KeyDeletedError, ValueError):
         return Reject(f"unknown node {node_id!r}")
     slot = record.models.get(req.model)
     if slot is None or slot.state != "loading":
@@ -76,15 +88,24 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     try:
         await runtime.load(req.model, svc.settings.load_timeout_s)
     except (RuntimeFailure, TimeoutError, OSError) as exc:
-        log.error("load failed model=%s node=%s error=%s", req.model, node_id, exc)
-        await svc.fleet.update(node_id, lambda r: state.remove(r, req.model, error=str(exc)))
-        return Done(f"load failed: {exc}")
+        error = f"{exc.__class__.__name__}: {exc}"
+        log.error("load failed model=%s node=%s error=%s", req.model, node_id, error)
+        await svc.fleet.update(node_id, lambda r: state.remove(r, req.model, error=error))
+        return Done(f"load failed: {error}")
     load_ms = (time.perf_counter() - t0) * 1000
     keep_alive = svc.settings.keep_alive_s
-    record = await svc.fleet.update(node_id, lambda r: state.mark_ready(
-        r, req.model, load_ms, time.time(), keep_alive))
+    record = await svc.fleet.update(
+        node_id, lambda r: state.mark_ready(r, req.model, load_ms, time.time(), keep_alive)
+    )
     nbytes = record.models[req.model].bytes
-    await bus.publish(svc.js, Event("model.loaded", ModelLoaded(
-        model=req.model, node=node_id, bytes=nbytes, load_ms=round(load_ms, 1)).model_dump()))
+    await bus.publish(
+        svc.js,
+        Event(
+            "model.loaded",
+            ModelLoaded(
+                model=req.model, node=node_id, bytes=nbytes, load_ms=round(load_ms, 1)
+            ).model_dump(),
+        ),
+    )
     log.info("model.loaded model=%s node=%s load_ms=%.0f", req.model, node_id, load_ms)
     return Done()

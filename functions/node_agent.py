@@ -58,8 +58,15 @@ def process_tree_probe(pid: int, capacity_bytes: int) -> MemoryProbe:
 
 
 class NodeAgent:
-    def __init__(self, fleet: Fleet, node_id: str, runtime: Runtime, capacity_bytes: int,
-                 probe: MemoryProbe | None = None, interval_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        node_id: str,
+        runtime: Runtime,
+        capacity_bytes: int,
+        probe: MemoryProbe | None = None,
+        interval_s: float = 2.0,
+    ) -> None:
         self.fleet, self.node_id, self.runtime = fleet, node_id, runtime
         self.capacity_bytes, self.probe, self.interval_s = capacity_bytes, probe, interval_s
 
@@ -76,10 +83,15 @@ class NodeAgent:
                 new.available = available
             return new
 
-        fresh = NodeRecord(node_id=self.node_id, runtime=self.runtime.kind,  # type: ignore[arg-type]
-                           url=self.runtime.url, capacity_bytes=self.capacity_bytes,
-                           measured_free_bytes=measured, heartbeat_at=now,
-                           available=available or [])
+        fresh = NodeRecord(
+            node_id=self.node_id,
+            runtime=self.runtime.kind,  # type: ignore[arg-type]
+            url=self.runtime.url,
+            capacity_bytes=self.capacity_bytes,
+            measured_free_bytes=measured,
+            heartbeat_at=now,
+            available=available or [],
+        )
         return await self.fleet.upsert(fresh, transition)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -90,12 +90,16 @@ def reuse_rate(slot: Slot, now: float) -> float:
 def evictable(node: NodeRecord, reserved: Iterable[str] = ()) -> list[str]:
     """Ready, idle, not pinned, not needed by a queued request."""
     res = set(reserved)
-    return sorted(name for name, s in node.models.items()
-                  if s.state == "ready" and not s.leases and not s.pinned and name not in res)
+    return sorted(
+        name
+        for name, s in node.models.items()
+        if s.state == "ready" and not s.leases and not s.pinned and name not in res
+    )
 
 
-def candidates(node: NodeRecord, policy: Policy, now: float,
-               reserved: Iterable[str] = ()) -> list[Candidate]:
+def candidates(
+    node: NodeRecord, policy: Policy, now: float, reserved: Iterable[str] = ()
+) -> list[Candidate]:
     names = evictable(node, reserved)
     if policy == "fewest":
         return [Candidate(n, node.models[n].bytes, 0) for n in names]
@@ -114,8 +118,12 @@ def candidates(node: NodeRecord, policy: Policy, now: float,
 
 
 def _tie_key(chosen: Sequence[Candidate]) -> tuple[int, int, int, tuple[str, ...]]:
-    return (sum(c.cost for c in chosen), len(chosen), sum(c.bytes for c in chosen),
-            tuple(sorted(c.name for c in chosen)))
+    return (
+        sum(c.cost for c in chosen),
+        len(chosen),
+        sum(c.bytes for c in chosen),
+        tuple(sorted(c.name for c in chosen)),
+    )
 
 
 def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidate, ...] | None:
@@ -179,16 +187,20 @@ def node_is_live(node: NodeRecord, now: float) -> bool:
     return now - node.heartbeat_at <= HEARTBEAT_STALE_S
 
 
-def plan(req: PlanRequest, nodes: Sequence[NodeRecord], now: float,
-         policy: Policy = "cost") -> Placement | Queue | Reject:
+def plan(
+    req: PlanRequest, nodes: Sequence[NodeRecord], now: float, policy: Policy = "cost"
+) -> Placement | Queue | Reject:
     """Choose a node and a minimum-cost eviction set for `req`, or say why it must wait.
 
     Never evicts a model that is loading, evicting, leased (active), pinned or reserved.
     """
     live = [n for n in nodes if node_is_live(n, now)]
     if not live:
-        return Queue("no live node: no heartbeat within "
-                     f"{HEARTBEAT_STALE_S:.0f}s" if nodes else "no node registered yet")
+        return Queue(
+            f"no live node: no heartbeat within {HEARTBEAT_STALE_S:.0f}s"
+            if nodes
+            else "no node registered yet"
+        )
     if all(req.bytes > n.capacity_bytes for n in live):
         biggest = max(n.capacity_bytes for n in live)
         return Reject(f"{req.model} needs {req.bytes} bytes; the largest node has {biggest}")
@@ -204,9 +216,13 @@ def plan(req: PlanRequest, nodes: Sequence[NodeRecord], now: float,
         free_after = node.free_bytes() + freed - req.bytes
         key = (cost, count, freed, -free_after, node.node_id)
         if best is None or key < best[0]:
-            best = (key, Placement(node.node_id, req.model, req.bytes,
-                                   tuple(c.name for c in chosen), cost))
+            best = (
+                key,
+                Placement(node.node_id, req.model, req.bytes, tuple(c.name for c in chosen), cost),
+            )
     if best is None:
-        return Queue(f"no node can free {req.bytes} bytes for {req.model} now: "
-                     "the resident models are active, loading or pinned")
+        return Queue(
+            f"no node can free {req.bytes} bytes for {req.model} now: "
+            "the resident models are active, loading or pinned"
+        )
     return best[1]

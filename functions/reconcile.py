@@ -29,9 +29,16 @@ def _adopt(model: str, nbytes: int, now: float, keep_alive_s: float):  # type: i
     def transition(r: NodeRecord) -> NodeRecord:
         new = r.model_copy(deep=True)
         if model not in new.models:
-            new.models[model] = Slot(state="ready", bytes=nbytes, since=now, last_used=now,
-                                     keep_alive_until=now + keep_alive_s, reason="adopted")
+            new.models[model] = Slot(
+                state="ready",
+                bytes=nbytes,
+                since=now,
+                last_used=now,
+                keep_alive_until=now + keep_alive_s,
+                reason="adopted",
+            )
         return new
+
     return transition
 
 
@@ -48,37 +55,66 @@ async def reconcile_node(svc: Services, record: NodeRecord, now: float) -> list[
         loaded = None
     for model, slot in record.models.items():
         if slot.state == "ready" and loaded is not None and model not in loaded:
-            await svc.fleet.update(node_id, lambda r, m=model: state.remove(
-                r, m, error="runtime no longer had it loaded") if r.models.get(m) and
-                r.models[m].state == "ready" else r)
+            await svc.fleet.update(
+                node_id,
+                lambda r, m=model: (
+                    state.remove(r, m, error="runtime no longer had it loaded")
+                    if r.models.get(m) and r.models[m].state == "ready"
+                    else r
+                ),
+            )
             actions.append(f"dropped {model}: runtime lost it")
-        elif (slot.state == "ready" and not slot.leases and not slot.pinned
-              and slot.keep_alive_until is not None and slot.keep_alive_until < now):
+        elif (
+            slot.state == "ready"
+            and not slot.leases
+            and not slot.pinned
+            and slot.keep_alive_until is not None
+            and slot.keep_alive_until < now
+        ):
             try:
-                await svc.fleet.update(node_id, lambda r, m=model: state.mark_evicting(
-                    r, m, now, "keep_alive expired"))
+                await svc.fleet.update(
+                    node_id, lambda r, m=model: state.mark_evicting(r, m, now, "keep_alive expired")
+                )
             except TransitionError:
                 continue
-            await bus.publish(svc.js, Event("model.evict", ModelEvict(
-                model=model, node=node_id, reason="keep_alive expired").model_dump()))
+            await bus.publish(
+                svc.js,
+                Event(
+                    "model.evict",
+                    ModelEvict(model=model, node=node_id, reason="keep_alive expired").model_dump(),
+                ),
+            )
             actions.append(f"keep-alive expired: {model}")
         elif slot.state == "loading" and now - slot.since > svc.settings.load_timeout_s + 30:
-            await svc.fleet.update(node_id, lambda r, m=model: state.remove(
-                r, m, error="load timed out") if r.models.get(m) and
-                r.models[m].state == "loading" else r)
+            await svc.fleet.update(
+                node_id,
+                lambda r, m=model: (
+                    state.remove(r, m, error="load timed out")
+                    if r.models.get(m) and r.models[m].state == "loading"
+                    else r
+                ),
+            )
             actions.append(f"dropped stuck load of {model}")
         elif slot.state == "evicting" and now - slot.since > EVICT_RESEND_S:
-            await bus.publish(svc.js, Event("model.evict", ModelEvict(
-                model=model, node=node_id, reason="evict re-sent by reconcile").model_dump()),
-                msg_id=f"reconcile.{node_id}.{model}.{int(now // EVICT_RESEND_S)}")
+            await bus.publish(
+                svc.js,
+                Event(
+                    "model.evict",
+                    ModelEvict(
+                        model=model, node=node_id, reason="evict re-sent by reconcile"
+                    ).model_dump(),
+                ),
+                msg_id=f"reconcile.{node_id}.{model}.{int(now // EVICT_RESEND_S)}",
+            )
             actions.append(f"re-sent evict of {model}")
     if loaded:
         for model, status in loaded.items():
             if model not in record.models and status == "loaded":
                 info = await svc.catalog.get(model)
                 nbytes = info.bytes if info else 0
-                await svc.fleet.update(node_id, _adopt(model, nbytes, now,
-                                                       svc.settings.keep_alive_s))
+                await svc.fleet.update(
+                    node_id, _adopt(model, nbytes, now, svc.settings.keep_alive_s)
+                )
                 actions.append(f"adopted {model} loaded outside the planner")
     return actions
 

@@ -76,8 +76,15 @@ class TransitionError(RuntimeError):
     """The record no longer allows the change (another writer got there first)."""
 
 
-def reserve(node: NodeRecord, model: str, nbytes: int, victims: list[str], task_id: str | None,
-            now: float, reason: str = "") -> NodeRecord:
+def reserve(
+    node: NodeRecord,
+    model: str,
+    nbytes: int,
+    victims: list[str],
+    task_id: str | None,
+    now: float,
+    reason: str = "",
+) -> NodeRecord:
     """Commit a placement: `model` becomes loading (leased by task_id), victims evicting."""
     new = _copy(node)
     if model in new.models:
@@ -88,14 +95,21 @@ def reserve(node: NodeRecord, model: str, nbytes: int, victims: list[str], task_
             raise TransitionError(f"victim {v} is no longer evictable on {node.node_id}")
         slot.state, slot.since, slot.reason = "evicting", now, reason or f"make room for {model}"
     leases = {task_id: now + LEASE_TTL_S} if task_id else {}
-    new.models[model] = Slot(state="loading", bytes=nbytes, leases=leases, since=now,
-                             last_used=now, reason=reason)
+    new.models[model] = Slot(
+        state="loading", bytes=nbytes, leases=leases, since=now, last_used=now, reason=reason
+    )
     new.errors.pop(model, None)
     return new
 
 
-def mark_ready(node: NodeRecord, model: str, load_ms: float, now: float, keep_alive_s: float,
-               nbytes: int | None = None) -> NodeRecord:
+def mark_ready(
+    node: NodeRecord,
+    model: str,
+    load_ms: float,
+    now: float,
+    keep_alive_s: float,
+    nbytes: int | None = None,
+) -> NodeRecord:
     new = _copy(node)
     slot = new.models.get(model)
     if slot is None:
@@ -138,8 +152,9 @@ def take_lease(node: NodeRecord, model: str, task_id: str, now: float) -> NodeRe
     return new
 
 
-def release_lease(node: NodeRecord, model: str, task_id: str, now: float,
-                  keep_alive_s: float) -> NodeRecord:
+def release_lease(
+    node: NodeRecord, model: str, task_id: str, now: float, keep_alive_s: float
+) -> NodeRecord:
     """Drop the task's lease, count the request for the rate, extend keep-alive."""
     new = _copy(node)
     slot = new.models.get(model)

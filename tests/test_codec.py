@@ -13,8 +13,12 @@ from events.keys import decode_name, encode_name, model_key
 
 
 def test_binary_round_trip_keeps_every_attribute_and_percent_encodes():
-    ev = Event("chat.requested", {"chat_id": "c1", "text": "héllo \"x\" 100%"},
-               subject="a b", extensions={"traceparent": "00-abc-01"})
+    ev = Event(
+        "chat.requested",
+        {"chat_id": "c1", "text": 'héllo "x" 100%'},
+        subject="a b",
+        extensions={"traceparent": "00-abc-01"},
+    )
     headers, body = to_binary(ev)
     assert headers["ce-subject"] == "a%20b"
     assert all(0x21 <= ord(ch) <= 0x7E for v in headers.values() for ch in v)
@@ -30,31 +34,40 @@ def test_structured_round_trip():
 
 def test_decodes_raw_json_exactly_as_nats_pub_sends_it():
     # `nats pub ollama.chat.requested '<json>'` sends these bytes with no headers at all.
-    raw = (b'{"specversion":"1.0","type":"chat.requested","source":"cli","id":"42",'
-           b'"data":{"chat_id":"c","model":"gemma3-270m",'
-           b'"messages":[{"role":"user","content":"hi"}]}}')
+    raw = (
+        b'{"specversion":"1.0","type":"chat.requested","source":"cli","id":"42",'
+        b'"data":{"chat_id":"c","model":"gemma3-270m",'
+        b'"messages":[{"role":"user","content":"hi"}]}}'
+    )
     ev = decode(None, raw)
     assert (ev.id, ev.type, ev.source) == ("42", "chat.requested", "cli")
     assert ev.data["messages"][0]["content"] == "hi"
 
 
 def test_binary_header_values_may_be_double_quoted():
-    ev = decode({"ce-specversion": '"1.0"', "ce-id": '"x"', "ce-type": "t", "ce-source": "s"},
-                b"{}")
+    ev = decode(
+        {"ce-specversion": '"1.0"', "ce-id": '"x"', "ce-type": "t", "ce-source": "s"}, b"{}"
+    )
     assert (ev.specversion, ev.id) == ("1.0", "x")
 
 
-@pytest.mark.parametrize("headers,body,match", [
-    (None, b"not json", "not valid JSON"),
-    (None, b"[1,2]", "JSON object"),
-    (None, b'{"type":"x","source":"s","specversion":"1.0"}', "missing required attribute"),
-    (None, b'{"id":"1","type":"x","source":"s","specversion":"0.3"}', "specversion"),
-    ({"ce-specversion": "1.0", "ce-id": "1", "ce-type": "t", "ce-source": "s"}, b"{bad",
-     "not valid JSON"),
-    ({"Content-Type": "application/json"}, b"{}", "without ce-specversion"),
-    (None, b"{" + b" " * 1_100_000 + b"}", "limit"),
-    (None, b'{"id":1,"type":"x","source":"s","specversion":"1.0"}', "must be a string"),
-])
+@pytest.mark.parametrize(
+    "headers,body,match",
+    [
+        (None, b"not json", "not valid JSON"),
+        (None, b"[1,2]", "JSON object"),
+        (None, b'{"type":"x","source":"s","specversion":"1.0"}', "missing required attribute"),
+        (None, b'{"id":"1","type":"x","source":"s","specversion":"0.3"}', "specversion"),
+        (
+            {"ce-specversion": "1.0", "ce-id": "1", "ce-type": "t", "ce-source": "s"},
+            b"{bad",
+            "not valid JSON",
+        ),
+        ({"Content-Type": "application/json"}, b"{}", "without ce-specversion"),
+        (None, b"{" + b" " * 1_100_000 + b"}", "limit"),
+        (None, b'{"id":1,"type":"x","source":"s","specversion":"1.0"}', "must be a string"),
+    ],
+)
 def test_malformed_input_gives_a_clear_error(headers, body, match):
     with pytest.raises(CodecError, match=match):
         decode(headers, body)

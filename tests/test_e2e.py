@@ -38,14 +38,26 @@ StackFactory = Callable[..., Any]
 async def make_stack(tmp_path) -> AsyncIterator[StackFactory]:
     stacks: list[LocalStack] = []
 
-    async def make(node_memory: int = 1536 * MIB, transport: str = "inprocess",
-                   functions: tuple[str, ...] = ("chat", "load", "evict", "reconcile"),
-                   ack_wait_s: float | None = None) -> tuple[LocalStack, Any]:
-        cfg = StackConfig(state_dir=tmp_path / f"stack{len(stacks)}", nodes=1,
-                          node_memory=node_memory, models=(A, B), nats_port=0,
-                          runtime_port=0, function_port=0, transport=transport,
-                          functions=functions, tick_s=1.0, ack_wait_s=ack_wait_s,
-                          settings=Settings(queue_retry_s=0.2))
+    async def make(
+        node_memory: int = 1536 * MIB,
+        transport: str = "inprocess",
+        functions: tuple[str, ...] = ("chat", "load", "evict", "reconcile"),
+        ack_wait_s: float | None = None,
+    ) -> tuple[LocalStack, Any]:
+        cfg = StackConfig(
+            state_dir=tmp_path / f"stack{len(stacks)}",
+            nodes=1,
+            node_memory=node_memory,
+            models=(A, B),
+            nats_port=0,
+            runtime_port=0,
+            function_port=0,
+            transport=transport,
+            functions=functions,
+            tick_s=1.0,
+            ack_wait_s=ack_wait_s,
+            settings=Settings(queue_retry_s=0.2),
+        )
         stack = LocalStack(cfg)
         stacks.append(stack)
         await stack.start(progress=True)
@@ -64,14 +76,18 @@ async def _runtime_models(stack: LocalStack) -> dict[str, str]:
 
 
 def _one_end(events: Collector, task_id: str) -> list[Event]:
-    return [e for _, e in events.events if isinstance(e, Event)
-            and e.type in ("chat.completed", "chat.failed") and e.data["task_id"] == task_id]
+    return [
+        e
+        for _, e in events.events
+        if isinstance(e, Event)
+        and e.type in ("chat.completed", "chat.failed")
+        and e.data["task_id"] == task_id
+    ]
 
 
 @pytest.mark.parametrize("transport", ["inprocess", "http"])
-async def test_chat_streams_real_text_with_contiguous_seq_and_one_completed(make_stack,
-                                                                            transport):
-    stack, nc = await make_stack(transport=transport)
+async def test_chat_streams_real_text_with_contiguous_seq_and_one_completed(make_stack, transport):
+    _stack, nc = await make_stack(transport=transport)
     ends = await Collector().attach(nc, "ollama.chat.completed", "ollama.chat.failed")
     result = await chat(nc, A, "Why is the sky blue?", timeout=120, max_tokens=24)
     assert result.end.type == "chat.completed", result.end.data
@@ -103,18 +119,29 @@ async def test_second_model_evicts_the_idle_first_on_a_node_that_fits_one(make_s
 
 
 async def test_request_waits_queued_while_the_only_model_is_active(make_stack):
-    stack, nc = await make_stack(node_memory=600 * MIB)
+    _stack, nc = await make_stack(node_memory=600 * MIB)
     tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET))
-    long = await ChatSession(nc, ChatRequested(
-        chat_id="long", model=A, messages=[{"role": "user", "content": "Tell a long story."}],
-        options={"max_tokens": 400})).start()
+    long = await ChatSession(
+        nc,
+        ChatRequested(
+            chat_id="long",
+            model=A,
+            messages=[{"role": "user", "content": "Tell a long story."}],
+            options={"max_tokens": 400},
+        ),
+    ).start()
     await wait_until(lambda: long.result.tokens, timeout=120, what="first token of A")
-    waiting = await ChatSession(nc, ChatRequested(
-        chat_id="waiting", model=B, messages=[{"role": "user", "content": "Hi"}],
-        options={"max_tokens": 8})).start()
+    waiting = await ChatSession(
+        nc,
+        ChatRequested(
+            chat_id="waiting",
+            model=B,
+            messages=[{"role": "user", "content": "Hi"}],
+            options={"max_tokens": 8},
+        ),
+    ).start()
     rec = await wait_until(lambda: tasks.get(waiting.result.task_id), what="task B recorded")
-    await wait_until(lambda: _is_queued(tasks, waiting.result.task_id), timeout=30,
-                     what="B queued")
+    await wait_until(lambda: _is_queued(tasks, waiting.result.task_id), timeout=30, what="B queued")
     assert not long.done, "A finished before B was seen queued; the test proves nothing"
     queue = await tasks.queue()
     assert [q.task_id for q in queue] == [waiting.result.task_id]
@@ -132,20 +159,34 @@ async def _is_queued(tasks: Tasks, task_id: str) -> bool:
 
 
 async def test_bad_events_go_to_dead_letter_and_the_next_good_one_is_served(make_stack):
-    stack, nc = await make_stack()
+    _stack, nc = await make_stack()
     js = nc.jetstream()
     events = await Collector().attach(nc, "ollama.deadletter.>", "ollama.chat.failed")
     await js.publish("ollama.chat.requested", b"this is not a cloudevent")
     bad_schema = Event("chat.requested", {"chat_id": "x1", "model": A})  # no messages
     await js.publish("ollama.chat.requested", to_structured(bad_schema)[1])
-    hostile = Event("chat.requested", {"chat_id": "x2", "model": "../../etc/passwd",
-                                       "messages": [{"role": "user", "content": "hi"}]})
+    hostile = Event(
+        "chat.requested",
+        {
+            "chat_id": "x2",
+            "model": "../../etc/passwd",
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
     await js.publish("ollama.chat.requested", to_structured(hostile)[1])
-    unknown = Event("chat.requested", {"chat_id": "x3", "model": "no-such-model:7b",
-                                       "messages": [{"role": "user", "content": "hi"}]})
+    unknown = Event(
+        "chat.requested",
+        {
+            "chat_id": "x3",
+            "model": "no-such-model:7b",
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
     await bus.publish(js, unknown)
-    huge = Event("chat.requested", {"chat_id": "x4", "model": A,
-                                    "messages": [{"role": "user", "content": "w " * 60000}]})
+    huge = Event(
+        "chat.requested",
+        {"chat_id": "x4", "model": A, "messages": [{"role": "user", "content": "w " * 60000}]},
+    )
     await bus.publish(js, huge)
     await wait_until(lambda: len(events.dead()) >= 5, what="five dead letters")
     reasons = " | ".join(d["reason"] for d in events.dead())
@@ -166,19 +207,42 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack)
 
     def worker() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "autoscaler.cli", "--nats", stack.nats_url, "worker",
-             "--functions", "chat", "--ack-wait", "3"], cwd=ROOT, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+            [
+                sys.executable,
+                "-m",
+                "autoscaler.cli",
+                "--nats",
+                stack.nats_url,
+                "worker",
+                "--functions",
+                "chat",
+                "--ack-wait",
+                "3",
+            ],
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ},
+        )
 
     first = worker()
     second = None
     try:
-        session = await ChatSession(nc, ChatRequested(
-            chat_id=uuid.uuid4().hex[:12], model=A,
-            messages=[{"role": "user", "content": "Tell a long story."}],
-            options={"max_tokens": 300, "temperature": 0})).start()
-        await wait_until(lambda: len(session.result.tokens) >= 5, timeout=120,
-                         what="tokens from the first worker")
+        session = await ChatSession(
+            nc,
+            ChatRequested(
+                chat_id=uuid.uuid4().hex[:12],
+                model=A,
+                messages=[{"role": "user", "content": "Tell a long story."}],
+                options={"max_tokens": 300, "temperature": 0},
+            ),
+        ).start()
+        await wait_until(
+            lambda: len(session.result.tokens) >= 5,
+            timeout=120,
+            what="tokens from the first worker",
+        )
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         assert not session.done
@@ -206,23 +270,53 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack)
 async def test_cli_chat_prints_text_and_stats(make_stack):
     stack, nc = await make_stack()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "autoscaler.cli", "--nats", stack.nats_url, "chat", "--model", A,
-        "--max-tokens", "12", "Why is the sky blue?", cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "autoscaler.cli",
+        "--nats",
+        stack.nats_url,
+        "chat",
+        "--model",
+        A,
+        "--max-tokens",
+        "12",
+        "Why is the sky blue?",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
     last = out.decode().strip().splitlines()[-1]
     assert last.startswith("[queue_ms=") and "tokens=12" in last and "node=node-0" in last
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "autoscaler.cli", "--nats", stack.nats_url, "status", "--json",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "autoscaler.cli",
+        "--nats",
+        stack.nats_url,
+        "status",
+        "--json",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     status = json.loads(out)
     assert status["nodes"][0]["models"][A]["state"] == "ready"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "autoscaler.cli", "--nats", stack.nats_url, "chat", "--model",
-        "missing-model", "hi", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "autoscaler.cli",
+        "--nats",
+        stack.nats_url,
+        "chat",
+        "--model",
+        "missing-model",
+        "hi",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1 and b"unknown_model" in err
     await nc.close()

@@ -23,14 +23,20 @@ async def _fleets(nats_url: str, n: int) -> tuple[list[Fleet], list]:
 
 async def test_32_concurrent_placements_never_over_commit_in_any_revision(nats_url):
     fleets, conns = await _fleets(nats_url, 4)
-    node = NodeRecord(node_id="cas-0", runtime="llamacpp", url="http://x",
-                      capacity_bytes=3 * 400 * MIB, heartbeat_at=time.time())
+    node = NodeRecord(
+        node_id="cas-0",
+        runtime="llamacpp",
+        url="http://x",
+        capacity_bytes=3 * 400 * MIB,
+        heartbeat_at=time.time(),
+    )
     await fleets[0].upsert(node, lambda r: r)
 
     async def place(i: int) -> object:
         fleet = fleets[i % len(fleets)]
-        return await fleet.place(planner.PlanRequest(f"model-{i}", 400 * MIB), time.time(),
-                                 "cost", task_id=f"t{i}")
+        return await fleet.place(
+            planner.PlanRequest(f"model-{i}", 400 * MIB), time.time(), "cost", task_id=f"t{i}"
+        )
 
     results = await asyncio.gather(*(place(i) for i in range(32)))
     placed = [r for r in results if isinstance(r, planner.Placement)]
@@ -50,12 +56,23 @@ async def test_32_concurrent_placements_never_over_commit_in_any_revision(nats_u
 
 async def test_concurrent_leases_are_never_lost(nats_url):
     fleets, conns = await _fleets(nats_url, 4)
-    node = NodeRecord(node_id="cas-1", runtime="llamacpp", url="http://x",
-                      capacity_bytes=1 << 30, heartbeat_at=time.time(),
-                      models={"m": state.Slot(state="ready", bytes=1)})
+    node = NodeRecord(
+        node_id="cas-1",
+        runtime="llamacpp",
+        url="http://x",
+        capacity_bytes=1 << 30,
+        heartbeat_at=time.time(),
+        models={"m": state.Slot(state="ready", bytes=1)},
+    )
     await fleets[0].upsert(node, lambda r: r)
-    await asyncio.gather(*(fleets[i % 4].update("cas-1", lambda r, i=i: state.take_lease(
-        r, "m", f"t{i}", time.time())) for i in range(32)))
+    await asyncio.gather(
+        *(
+            fleets[i % 4].update(
+                "cas-1", lambda r, i=i: state.take_lease(r, "m", f"t{i}", time.time())
+            )
+            for i in range(32)
+        )
+    )
     final, _ = await fleets[0].get("cas-1")
     assert final.models["m"].active == 32
     for c in conns:

@@ -26,8 +26,9 @@ from .conftest import Collector, wait_until
 async def fake() -> AsyncIterator[tuple[FakeOllama, str]]:
     state = FakeOllama()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(state.app(), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(state.app(), host="127.0.0.1", port=port, log_level="warning")
+    )
     task = asyncio.create_task(server.serve())
     await wait_until(lambda: server.started, what="fake ollama to start")
     yield state, f"http://127.0.0.1:{port}"
@@ -43,8 +44,12 @@ async def test_adapter_lists_loads_streams_and_unloads(fake):
     assert await rt.loaded() == {"gemma3:270m": "loaded"}
     # We own eviction: the load pins the model with keep_alive -1.
     assert state.requests[-1] == ("/api/generate", {"model": "gemma3:270m", "keep_alive": -1})
-    pieces = [p async for p in rt.chat("gemma3:270m", [{"role": "user", "content": "hi"}],
-                                       {"max_tokens": 5, "temperature": 0})]
+    pieces = [
+        p
+        async for p in rt.chat(
+            "gemma3:270m", [{"role": "user", "content": "hi"}], {"max_tokens": 5, "temperature": 0}
+        )
+    ]
     assert len(pieces) == 5 and "".join(pieces).startswith("the sky")
     assert state.requests[-1][1]["options"] == {"num_predict": 5, "temperature": 0}
     await rt.unload("gemma3:270m", timeout=10)  # Ollama unloads asynchronously; we poll /api/ps
@@ -67,9 +72,14 @@ async def test_adapter_reports_unknown_models_with_a_code(fake):
 async def test_chat_through_the_system_on_an_ollama_node(fake, nats_url, nc, tmp_path):
     """The whole control plane (in-process functions) serving from the fake Ollama node."""
     state, url = fake
-    cfg = StackConfig(state_dir=tmp_path, models=("gemma3:270m", "llama3.2:1b"),
-                      model_bytes=600 << 20, node_memory=1 << 30, transport="inprocess",
-                      settings=Settings(nats_url=nats_url))
+    cfg = StackConfig(
+        state_dir=tmp_path,
+        models=("gemma3:270m", "llama3.2:1b"),
+        model_bytes=600 << 20,
+        node_memory=1 << 30,
+        transport="inprocess",
+        settings=Settings(nats_url=nats_url),
+    )
     stack = LocalStack(cfg)
     stack.nats_url = nats_url
     stack.runtime_urls, stack.runtime_kinds = {"ollama-0": url}, {"ollama-0": "ollama"}
@@ -107,7 +117,11 @@ async def test_live_ollama_lists_and_streams():
     rt = OllamaRuntime(_ollama_host() or "")
     models = await rt.available()
     assert models, "the live Ollama has no models pulled"
-    pieces = [p async for p in rt.chat(models[0], [{"role": "user", "content": "Say hi"}],
-                                       {"max_tokens": 8})]
+    pieces = [
+        p
+        async for p in rt.chat(
+            models[0], [{"role": "user", "content": "Say hi"}], {"max_tokens": 8}
+        )
+    ]
     assert "".join(pieces).strip()
     await rt.aclose()

@@ -24,8 +24,12 @@ def oracle(cands: list[Candidate], shortfall: int) -> tuple[str, ...] | None:
         for combo in itertools.combinations(cands, r):
             if sum(c.bytes for c in combo) < shortfall:
                 continue
-            key = (sum(c.cost for c in combo), len(combo), sum(c.bytes for c in combo),
-                   tuple(sorted(c.name for c in combo)))
+            key = (
+                sum(c.cost for c in combo),
+                len(combo),
+                sum(c.bytes for c in combo),
+                tuple(sorted(c.name for c in combo)),
+            )
             if best is None or key < best:
                 best = key
     return None if best is None else best[3]
@@ -33,8 +37,15 @@ def oracle(cands: list[Candidate], shortfall: int) -> tuple[str, ...] | None:
 
 slot_st = st.builds(
     lambda state, nbytes, active, pinned, last_used, rate, load_ms: Slot(
-        state=state, bytes=nbytes, leases={f"t{i}": NOW + 60 for i in range(active)},
-        pinned=pinned, last_used=last_used, rate=rate, rate_at=NOW - 10, load_ms=load_ms),
+        state=state,
+        bytes=nbytes,
+        leases={f"t{i}": NOW + 60 for i in range(active)},
+        pinned=pinned,
+        last_used=last_used,
+        rate=rate,
+        rate_at=NOW - 10,
+        load_ms=load_ms,
+    ),
     state=st.sampled_from(["ready", "ready", "ready", "loading", "evicting"]),
     nbytes=st.integers(1, 40).map(lambda x: x * 100_000_000),
     active=st.sampled_from([0, 0, 0, 1, 2]),
@@ -50,13 +61,22 @@ def node_st(draw, max_models: int = 12) -> NodeRecord:
     slots = draw(st.lists(slot_st, min_size=0, max_size=max_models))
     models = {f"m{i:02d}": s for i, s in enumerate(slots)}
     cap = draw(st.integers(1, 80)) * 100_000_000
-    return NodeRecord(node_id="n0", runtime="llamacpp", url="http://x", capacity_bytes=max(
-        cap, sum(s.bytes for s in slots)), heartbeat_at=NOW, models=models)
+    return NodeRecord(
+        node_id="n0",
+        runtime="llamacpp",
+        url="http://x",
+        capacity_bytes=max(cap, sum(s.bytes for s in slots)),
+        heartbeat_at=NOW,
+        models=models,
+    )
 
 
 @settings(max_examples=300, deadline=None)
-@given(node=node_st(), policy=st.sampled_from(planner.POLICIES),
-       need=st.integers(0, 60).map(lambda x: x * 100_000_000))
+@given(
+    node=node_st(),
+    policy=st.sampled_from(planner.POLICIES),
+    need=st.integers(0, 60).map(lambda x: x * 100_000_000),
+)
 def test_exact_solver_equals_brute_force_oracle(node, policy, need):
     cands = planner.candidates(node, policy, NOW)
     assert len(cands) <= 12
@@ -66,9 +86,12 @@ def test_exact_solver_equals_brute_force_oracle(node, policy, need):
 
 
 @settings(max_examples=300, deadline=None)
-@given(node=node_st(), policy=st.sampled_from(planner.POLICIES),
-       size=st.integers(1, 40).map(lambda x: x * 100_000_000),
-       reserved=st.sets(st.sampled_from([f"m{i:02d}" for i in range(12)]), max_size=3))
+@given(
+    node=node_st(),
+    policy=st.sampled_from(planner.POLICIES),
+    size=st.integers(1, 40).map(lambda x: x * 100_000_000),
+    reserved=st.sets(st.sampled_from([f"m{i:02d}" for i in range(12)]), max_size=3),
+)
 def test_plan_never_evicts_active_loading_pinned_or_reserved(node, policy, size, reserved):
     req = PlanRequest(model="new", bytes=size, reserved=frozenset(reserved))
     result = planner.plan(req, [node], NOW, policy)
@@ -87,8 +110,14 @@ def test_plan_never_evicts_active_loading_pinned_or_reserved(node, policy, size,
 
 
 def _node(node_id: str, cap_gib: float, **slots: Slot) -> NodeRecord:
-    return NodeRecord(node_id=node_id, runtime="llamacpp", url="http://x",
-                      capacity_bytes=int(cap_gib * GIB), heartbeat_at=NOW, models=slots)
+    return NodeRecord(
+        node_id=node_id,
+        runtime="llamacpp",
+        url="http://x",
+        capacity_bytes=int(cap_gib * GIB),
+        heartbeat_at=NOW,
+        models=slots,
+    )
 
 
 def test_queues_when_only_resident_model_is_active():
@@ -107,11 +136,14 @@ def test_rejects_a_model_larger_than_every_node():
 def test_fewest_reproduces_the_seed_rule():
     # Shortfall 3 GiB: {c} (one model, 4 GiB) beats {a, b} (two models, 3 GiB);
     # among single models, the one freeing fewer bytes wins.
-    node = _node("n0", 8.0,
-                 a=Slot(state="ready", bytes=GIB, last_used=NOW - 10),
-                 b=Slot(state="ready", bytes=2 * GIB, last_used=NOW - 20),
-                 c=Slot(state="ready", bytes=4 * GIB, last_used=NOW - 30),
-                 d=Slot(state="ready", bytes=GIB // 2, last_used=NOW))
+    node = _node(
+        "n0",
+        8.0,
+        a=Slot(state="ready", bytes=GIB, last_used=NOW - 10),
+        b=Slot(state="ready", bytes=2 * GIB, last_used=NOW - 20),
+        c=Slot(state="ready", bytes=4 * GIB, last_used=NOW - 30),
+        d=Slot(state="ready", bytes=GIB // 2, last_used=NOW),
+    )
     # free = 8 - 7.5 = 0.5 GiB; need 3.5 GiB -> shortfall 3 GiB
     result = planner.plan(PlanRequest("x", int(3.5 * GIB)), [node], NOW, "fewest")
     assert isinstance(result, Placement)
@@ -119,19 +151,25 @@ def test_fewest_reproduces_the_seed_rule():
 
 
 def test_lru_prefers_older_models_even_if_more_are_needed():
-    node = _node("n0", 3.0,
-                 old1=Slot(state="ready", bytes=GIB // 2, last_used=NOW - 300),
-                 old2=Slot(state="ready", bytes=GIB // 2, last_used=NOW - 200),
-                 recent=Slot(state="ready", bytes=2 * GIB, last_used=NOW - 1))
+    node = _node(
+        "n0",
+        3.0,
+        old1=Slot(state="ready", bytes=GIB // 2, last_used=NOW - 300),
+        old2=Slot(state="ready", bytes=GIB // 2, last_used=NOW - 200),
+        recent=Slot(state="ready", bytes=2 * GIB, last_used=NOW - 1),
+    )
     result = planner.plan(PlanRequest("x", GIB), [node], NOW, "lru")
     assert isinstance(result, Placement)
     assert result.evict == ("old1", "old2")
 
 
 def test_cost_keeps_the_model_that_is_likely_reused():
-    node = _node("n0", 2.0,
-                 hot=Slot(state="ready", bytes=GIB, rate=0.5, rate_at=NOW, load_ms=5000),
-                 cold=Slot(state="ready", bytes=GIB, rate=0.0, load_ms=5000))
+    node = _node(
+        "n0",
+        2.0,
+        hot=Slot(state="ready", bytes=GIB, rate=0.5, rate_at=NOW, load_ms=5000),
+        cold=Slot(state="ready", bytes=GIB, rate=0.0, load_ms=5000),
+    )
     result = planner.plan(PlanRequest("x", GIB), [node], NOW, "cost")
     assert isinstance(result, Placement)
     assert result.evict == ("cold",)

@@ -35,16 +35,18 @@ class Runtime(Protocol):
         """Unload and return once the memory is given back."""
         ...
 
-    def chat(self, model: str, messages: list[dict[str, str]],
-             options: dict[str, Any]) -> AsyncIterator[str]:
+    def chat(
+        self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
+    ) -> AsyncIterator[str]:
         """Stream the reply's text pieces."""
         ...
 
     async def aclose(self) -> None: ...
 
 
-async def poll_until(check: Any, timeout: float, interval: float = 0.05,
-                     what: str = "condition") -> None:
+async def poll_until(
+    check: Any, timeout: float, interval: float = 0.05, what: str = "condition"
+) -> None:
     """Await `check()` until it returns True; TimeoutError naming `what` after `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

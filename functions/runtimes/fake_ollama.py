@@ -32,17 +32,27 @@ def _now() -> str:
 class FakeOllama:
     """State of the fake: the local library and what is 'loaded'."""
 
-    def __init__(self, library: dict[str, int] | None = None, load_s: float = 0.05,
-                 unload_s: float = 0.1, token_s: float = 0.002) -> None:
+    def __init__(
+        self,
+        library: dict[str, int] | None = None,
+        load_s: float = 0.05,
+        unload_s: float = 0.1,
+        token_s: float = 0.002,
+    ) -> None:
         self.library = library or {"gemma3:270m": 300_000_000, "llama3.2:1b": 1_321_098_329}
         self.loaded: dict[str, float] = {}  # name -> expires_at (epoch s; inf = forever)
         self.load_s, self.unload_s, self.token_s = load_s, unload_s, token_s
         self.requests: list[tuple[str, dict[str, Any]]] = []
 
     def _details(self, name: str) -> dict[str, Any]:
-        return {"parent_model": "", "format": "gguf", "family": name.split(":")[0],
-                "families": [name.split(":")[0]], "parameter_size": "270M",
-                "quantization_level": "Q4_K_M"}
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": name.split(":")[0],
+            "families": [name.split(":")[0]],
+            "parameter_size": "270M",
+            "quantization_level": "Q4_K_M",
+        }
 
     async def _ensure_loaded(self, name: str, keep_alive: Any) -> None:
         if name not in self.loaded:
@@ -62,18 +72,40 @@ class FakeOllama:
             return JSONResponse({"version": "0.0.0-fake"})
 
         async def tags(_: Request) -> Response:
-            return JSONResponse({"models": [
-                {"name": n, "model": n, "modified_at": _now(), "size": size,
-                 "digest": f"{abs(hash(n)):064x}"[:64], "details": self._details(n)}
-                for n, size in sorted(self.library.items())]})
+            return JSONResponse(
+                {
+                    "models": [
+                        {
+                            "name": n,
+                            "model": n,
+                            "modified_at": _now(),
+                            "size": size,
+                            "digest": f"{abs(hash(n)):064x}"[:64],
+                            "details": self._details(n),
+                        }
+                        for n, size in sorted(self.library.items())
+                    ]
+                }
+            )
 
         async def ps(_: Request) -> Response:
-            return JSONResponse({"models": [
-                {"name": n, "model": n, "size": self.library[n],
-                 "digest": f"{abs(hash(n)):064x}"[:64], "details": self._details(n),
-                 "expires_at": "2318-01-01T00:00:00Z" if exp == float("inf") else _now(),
-                 "size_vram": self.library[n], "context_length": 4096}
-                for n, exp in self.loaded.items()]})
+            return JSONResponse(
+                {
+                    "models": [
+                        {
+                            "name": n,
+                            "model": n,
+                            "size": self.library[n],
+                            "digest": f"{abs(hash(n)):064x}"[:64],
+                            "details": self._details(n),
+                            "expires_at": "2318-01-01T00:00:00Z" if exp == float("inf") else _now(),
+                            "size_vram": self.library[n],
+                            "context_length": 4096,
+                        }
+                        for n, exp in self.loaded.items()
+                    ]
+                }
+            )
 
         async def body_of(request: Request) -> dict[str, Any] | Response:
             try:
@@ -84,8 +116,9 @@ class FakeOllama:
                 return JSONResponse({"error": "model is required"}, status_code=400)
             self.requests.append((request.url.path, body))
             if body["model"] not in self.library:
-                return JSONResponse({"error": f"model '{body['model']}' not found"},
-                                    status_code=404)
+                return JSONResponse(
+                    {"error": f"model '{body['model']}' not found"}, status_code=404
+                )
             return body
 
         async def generate(request: Request) -> Response:
@@ -95,14 +128,27 @@ class FakeOllama:
             name = body["model"]
             if body.get("keep_alive") in (0, "0", "0s"):
                 asyncio.get_running_loop().create_task(self._unload_later(name))
-                return JSONResponse({"model": name, "created_at": _now(), "response": "",
-                                     "done": True, "done_reason": "unload"})
+                return JSONResponse(
+                    {
+                        "model": name,
+                        "created_at": _now(),
+                        "response": "",
+                        "done": True,
+                        "done_reason": "unload",
+                    }
+                )
             await self._ensure_loaded(name, body.get("keep_alive"))
             if not body.get("prompt"):
-                return JSONResponse({"model": name, "created_at": _now(), "response": "",
-                                     "done": True, "done_reason": "load"})
-            return JSONResponse({"error": "fake: only load/unload via generate"},
-                                status_code=400)
+                return JSONResponse(
+                    {
+                        "model": name,
+                        "created_at": _now(),
+                        "response": "",
+                        "done": True,
+                        "done_reason": "load",
+                    }
+                )
+            return JSONResponse({"error": "fake: only load/unload via generate"}, status_code=400)
 
         async def chat(request: Request) -> Response:
             body = await body_of(request)
@@ -114,20 +160,47 @@ class FakeOllama:
             await self._ensure_loaded(name, body.get("keep_alive"))
             load_ns = 0 if was_loaded else int((time.perf_counter() - t0) * 1e9)
             if not body.get("messages"):
-                return JSONResponse({"model": name, "created_at": _now(), "message": {
-                    "role": "assistant", "content": ""}, "done_reason": "load", "done": True})
+                return JSONResponse(
+                    {
+                        "model": name,
+                        "created_at": _now(),
+                        "message": {"role": "assistant", "content": ""},
+                        "done_reason": "load",
+                        "done": True,
+                    }
+                )
             n = int((body.get("options") or {}).get("num_predict") or 12)
 
             async def stream() -> AsyncIterator[bytes]:
                 for i in range(n):
                     await asyncio.sleep(self.token_s)
                     word = WORDS[i % len(WORDS)] + " "
-                    yield (json.dumps({"model": name, "created_at": _now(), "message": {
-                        "role": "assistant", "content": word}, "done": False}) + "\n").encode()
-                yield (json.dumps({"model": name, "created_at": _now(), "message": {
-                    "role": "assistant", "content": ""}, "done": True, "done_reason": "stop",
-                    "total_duration": int((time.perf_counter() - t0) * 1e9),
-                    "load_duration": load_ns, "eval_count": n}) + "\n").encode()
+                    yield (
+                        json.dumps(
+                            {
+                                "model": name,
+                                "created_at": _now(),
+                                "message": {"role": "assistant", "content": word},
+                                "done": False,
+                            }
+                        )
+                        + "\n"
+                    ).encode()
+                yield (
+                    json.dumps(
+                        {
+                            "model": name,
+                            "created_at": _now(),
+                            "message": {"role": "assistant", "content": ""},
+                            "done": True,
+                            "done_reason": "stop",
+                            "total_duration": int((time.perf_counter() - t0) * 1e9),
+                            "load_duration": load_ns,
+                            "eval_count": n,
+                        }
+                    )
+                    + "\n"
+                ).encode()
 
             return StreamingResponse(stream(), media_type="application/x-ndjson")
 
@@ -135,19 +208,29 @@ class FakeOllama:
             body = await body_of(request)
             if isinstance(body, Response):
                 return body
-            return JSONResponse({"details": self._details(body["model"]), "model_info": {
-                "general.architecture": "gemma3", "gemma3.context_length": 32768},
-                "capabilities": ["completion"], "modified_at": _now()})
+            return JSONResponse(
+                {
+                    "details": self._details(body["model"]),
+                    "model_info": {
+                        "general.architecture": "gemma3",
+                        "gemma3.context_length": 32768,
+                    },
+                    "capabilities": ["completion"],
+                    "modified_at": _now(),
+                }
+            )
 
-        return Starlette(routes=[
-            Route("/", root, methods=["GET", "HEAD"]),
-            Route("/api/version", version),
-            Route("/api/tags", tags),
-            Route("/api/ps", ps),
-            Route("/api/generate", generate, methods=["POST"]),
-            Route("/api/chat", chat, methods=["POST"]),
-            Route("/api/show", show, methods=["POST"]),
-        ])
+        return Starlette(
+            routes=[
+                Route("/", root, methods=["GET", "HEAD"]),
+                Route("/api/version", version),
+                Route("/api/tags", tags),
+                Route("/api/ps", ps),
+                Route("/api/generate", generate, methods=["POST"]),
+                Route("/api/chat", chat, methods=["POST"]),
+                Route("/api/show", show, methods=["POST"]),
+            ]
+        )
 
 
 def main() -> None:

@@ -20,8 +20,9 @@ class LlamaCppRuntime:
 
     def __init__(self, url: str, client: httpx.AsyncClient | None = None) -> None:
         self.url = url.rstrip("/")
-        self.client = client or httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(
-            10.0, read=600.0))
+        self.client = client or httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(10.0, read=600.0)
+        )
 
     async def _models(self) -> list[dict[str, Any]]:
         resp = await self.client.get("/models")
@@ -50,14 +51,17 @@ class LlamaCppRuntime:
         if status.get("value") != "loaded":
             resp = await self.client.post("/models/load", json={"model": model})
             if resp.status_code >= 400 and "already" not in resp.text:
-                raise RuntimeFailure("load_failed",
-                                    f"llama-server refused to load {model}: {resp.text}")
+                raise RuntimeFailure(
+                    "load_failed", f"llama-server refused to load {model}: {resp.text}"
+                )
 
         async def ready() -> bool:
             st = await self._status(model)
             if st.get("failed"):
-                raise RuntimeFailure("load_failed", f"{model} failed to start on {self.url} "
-                                    f"(exit code {st.get('exit_code')})")
+                raise RuntimeFailure(
+                    "load_failed",
+                    f"{model} failed to start on {self.url} (exit code {st.get('exit_code')})",
+                )
             return st.get("value") == "loaded"
 
         await poll_until(ready, timeout, what=f"{model} to load on {self.url}")
@@ -67,23 +71,30 @@ class LlamaCppRuntime:
             return
         resp = await self.client.post("/models/unload", json={"model": model})
         if resp.status_code >= 400 and (await self._status(model)).get("value") != "unloaded":
-            raise RuntimeFailure("unload_failed", f"llama-server refused to unload {model}: "
-                                f"{resp.text}")
+            raise RuntimeFailure(
+                "unload_failed", f"llama-server refused to unload {model}: {resp.text}"
+            )
 
         async def gone() -> bool:
             return (await self._status(model)).get("value") == "unloaded"
 
         await poll_until(gone, timeout, what=f"{model} to unload on {self.url}")
 
-    async def chat(self, model: str, messages: list[dict[str, str]],
-                   options: dict[str, Any]) -> AsyncIterator[str]:
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
+    ) -> AsyncIterator[str]:
         body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
-        for ours, theirs in (("temperature", "temperature"), ("max_tokens", "max_tokens"),
-                             ("top_p", "top_p"), ("seed", "seed")):
+        for ours, theirs in (
+            ("temperature", "temperature"),
+            ("max_tokens", "max_tokens"),
+            ("top_p", "top_p"),
+            ("seed", "seed"),
+        ):
             if options.get(ours) is not None:
                 body[theirs] = options[ours]
-        async with self.client.stream("POST", "/v1/chat/completions", json=body,
-                                      params={"autoload": "false"}) as resp:
+        async with self.client.stream(
+            "POST", "/v1/chat/completions", json=body, params={"autoload": "false"}
+        ) as resp:
             if resp.status_code >= 400:
                 text = (await resp.aread()).decode(errors="replace")
                 code = "model_not_loaded" if resp.status_code in (400, 404, 503) else "runtime"

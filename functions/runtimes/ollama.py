@@ -21,8 +21,9 @@ class OllamaRuntime:
 
     def __init__(self, url: str, client: httpx.AsyncClient | None = None) -> None:
         self.url = url.rstrip("/")
-        self.client = client or httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(
-            10.0, read=600.0))
+        self.client = client or httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(10.0, read=600.0)
+        )
 
     @staticmethod
     def _raise_for(resp: httpx.Response, model: str, what: str) -> None:
@@ -53,8 +54,9 @@ class OllamaRuntime:
 
     async def load(self, model: str, timeout: float) -> None:
         # An empty generate returns only once the model is loaded (done_reason "load").
-        resp = await self.client.post("/api/generate", json={"model": model, "keep_alive": -1},
-                                      timeout=timeout)
+        resp = await self.client.post(
+            "/api/generate", json={"model": model, "keep_alive": -1}, timeout=timeout
+        )
         self._raise_for(resp, model, "load")
 
     async def unload(self, model: str, timeout: float) -> None:
@@ -67,15 +69,26 @@ class OllamaRuntime:
 
         await poll_until(gone, timeout, interval=0.1, what=f"ollama to unload {model}")
 
-    async def chat(self, model: str, messages: list[dict[str, str]],
-                   options: dict[str, Any]) -> AsyncIterator[str]:
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
+    ) -> AsyncIterator[str]:
         opts: dict[str, Any] = {}
-        for ours, theirs in (("temperature", "temperature"), ("max_tokens", "num_predict"),
-                             ("top_p", "top_p"), ("seed", "seed"), ("num_ctx", "num_ctx")):
+        for ours, theirs in (
+            ("temperature", "temperature"),
+            ("max_tokens", "num_predict"),
+            ("top_p", "top_p"),
+            ("seed", "seed"),
+            ("num_ctx", "num_ctx"),
+        ):
             if options.get(ours) is not None:
                 opts[theirs] = options[ours]
-        body = {"model": model, "messages": messages, "stream": True, "keep_alive": -1,
-                "options": opts}
+        body = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "keep_alive": -1,
+            "options": opts,
+        }
         async with self.client.stream("POST", "/api/chat", json=body) as resp:
             if resp.status_code >= 400:
                 await resp.aread()

@@ -1,0 +1,32 @@
+# Ollama Autoscaler: `make run` starts the whole local stack, `make test` runs the test suite.
+PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo /root/.pyenv/versions/3.12.1/bin/python3.12)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install run test test-fast prepare lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+prepare: install  ## build llama-server once (about 6 min on 2 cores, cached) and the Gemma GGUF
+	$(BIN)/ollama-autoscaler prepare
+
+run: prepare  ## the whole system on embedded defaults; Ctrl-C stops it
+	$(BIN)/ollama-autoscaler up
+
+test: prepare  ## everything CI runs
+	$(BIN)/python -m pytest -q
+
+test-fast: install  ## no llama-server: planner, codec, fleet, Ollama fake, reconcile
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+lint: install
+	$(BIN)/python -m ruff check events functions autoscaler tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

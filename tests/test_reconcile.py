@@ -1,0 +1,154 @@
+"""The reconcile function and the dispatcher's outcome vocabulary, on a real nats-server and the
+WIRE-LEVEL FAKE of Ollama's API (labelled; Ollama cannot be installed here)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import uvicorn
+
+from autoscaler.stack import free_port
+from events import bus
+from events.codec import Event
+from events.dispatcher import MAX_FAILED_DELIVERIES, Dispatcher, in_process
+from events.outcome import Done, Reject, Retry
+from functions import reconcile, state
+from functions.catalog import ModelInfo
+from functions.context import Settings, open_services
+from functions.runtimes.fake_ollama import FakeOllama
+from functions.state import NodeRecord, Slot
+
+from .conftest import Collector, wait_until
+
+M = "gemma3:270m"
+
+
+@pytest.fixture
+async def fake_url():
+    fake = FakeOllama()
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started, what="fake ollama")
+    yield fake, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+async def _svc(nats_url: str, node_id: str, url: str, **models: Slot):
+    svc = await open_services(Settings(nats_url=nats_url, keep_alive_s=300), provision=True)
+    await svc.catalog.put(ModelInfo(name=M, bytes=300_000_000))
+    record = NodeRecord(
+        node_id=node_id,
+        runtime="ollama",
+        url=url,
+        capacity_bytes=1 << 30,
+        heartbeat_at=time.time(),
+        models=models,
+    )
+    await svc.fleet.kv.put(f"node.{node_id}", record.model_dump_json().encode())
+    return svc
+
+
+async def test_idle_model_past_keep_alive_is_evicted_and_active_one_is_not(nats_url, fake_url):
+    fake, url = fake_url
+    fake.loaded.update({M: float("inf"), "llama3.2:1b": float("inf")})
+    past = time.time() - 1
+    svc = await _svc(
+        nats_url,
+        "r1",
+        url,
+        **{
+            M: Slot(state="ready", bytes=1, keep_alive_until=past),
+            "llama3.2:1b": Slot(
+                state="ready", bytes=1, keep_alive_until=past, leases={"t": time.time() + 60}
+            ),
+        },
+    )
+    evicts = await Collector().attach(svc.nc, "ollama.model.evict")
+    await reconcile.handle(svc, Event("fleet.tick", {}), 1)
+    rec, _ = await svc.fleet.get("r1")
+    assert rec.models[M].state == "evicting"
+    assert rec.models["llama3.2:1b"].state == "ready"  # active: never expired
+    await wait_until(lambda: evicts.of_type("model.evict"), what="model.evict")
+    assert [e.data["model"] for e in evicts.of_type("model.evict")] == [M]
+    await svc.close()
+
+
+async def test_stale_leases_expire_and_drift_is_repaired(nats_url, fake_url):
+    fake, url = fake_url
+    fake.loaded.clear()
+    fake.loaded[M] = float("inf")  # loaded behind the planner's back
+    svc = await _svc(
+        nats_url,
+        "r2",
+        url,
+        **{"llama3.2:1b": Slot(state="ready", bytes=1, leases={"dead-worker": time.time() - 5})},
+    )
+    await reconcile.handle(svc, Event("fleet.tick", {}), 1)
+    rec, _ = await svc.fleet.get("r2")
+    # KV said ready, the runtime had nothing: dropped, with the reason kept.
+    assert "llama3.2:1b" not in rec.models and "no longer" in rec.errors["llama3.2:1b"]
+    # The runtime had a model KV did not know: adopted as idle, with the catalog's bytes.
+    assert rec.models[M].state == "ready" and rec.models[M].bytes == 300_000_000
+    await svc.close()
+
+
+async def test_stale_lease_is_expired(nats_url, fake_url):
+    fake, url = fake_url
+    fake.loaded[M] = float("inf")
+    svc = await _svc(
+        nats_url,
+        "r3",
+        url,
+        **{
+            M: Slot(
+                state="ready", bytes=1, leases={"gone": time.time() - 1, "alive": time.time() + 60}
+            )
+        },
+    )
+    await reconcile.handle(svc, Event("fleet.tick", {}), 1)
+    rec, _ = await svc.fleet.get("r3")
+    assert set(rec.models[M].leases) == {"alive"}
+    assert state.expire_leases(rec, time.time()).models[M].active == 1
+    await svc.close()
+
+
+async def test_dispatcher_outcomes_ack_retry_and_dead_letter(nats_url):
+    svc = await open_services(Settings(nats_url=nats_url), provision=True)
+    seen: dict[str, int] = {}
+
+    async def handler(event: Event, attempt: int):
+        key = event.data["model"]
+        seen[key] = attempt
+        if key == "retry-twice":
+            return Done() if attempt >= 3 else Retry(0.05, "not yet")
+        if key == "reject":
+            return Reject("cannot ever work")
+        if key == "crash":
+            raise RuntimeError("handler bug")
+        return Done()
+
+    dead = await Collector().attach(svc.nc, "ollama.deadletter.>")
+    d = Dispatcher(
+        svc.js,
+        bus.ConsumerSpec("evict", "model.evict", ack_wait_s=5),
+        in_process(handler, retry_base_s=0.01),
+    )
+    d_stop = asyncio.Event()
+    runner = asyncio.create_task(d.run(d_stop))
+    for model in ("ok", "retry-twice", "reject", "crash"):
+        await bus.publish(svc.js, Event("model.evict", {"model": model}))
+    await wait_until(lambda: seen.get("retry-twice") == 3, what="third delivery")
+    await wait_until(lambda: len(dead.dead()) >= 2, timeout=60, what="two dead letters")
+    reasons = {d_["event_type"] + ":" + d_["reason"] for d_ in dead.dead()}
+    assert "model.evict:cannot ever work" in reasons
+    assert any("gave up after" in r and "handler bug" in r for r in reasons)
+    assert seen["crash"] == MAX_FAILED_DELIVERIES and seen["ok"] == 1
+    d_stop.set()
+    await runner
+    await svc.close()
