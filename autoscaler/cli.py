@@ -53,6 +53,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         transport=args.transport,
         settings=settings,
         fresh=args.fresh,
+        ollama_urls=tuple(args.ollama),
         state_dir=Path(args.state_dir) if args.state_dir else StackConfig().state_dir,
     )
     if args.models:
@@ -66,8 +67,9 @@ async def cmd_up(args: argparse.Namespace) -> int:
     await stack.start()
     print(stack.describe(), flush=True)
     print(
-        f'\ntry:  ollama-autoscaler chat --model {cfg.models[0]} "Why is the sky blue?"\n'
-        "      ollama-autoscaler status\nCtrl-C stops everything.",
+        f"\ntry:  ollama-autoscaler chat --model {cfg.models[0] if cfg.nodes else 'MODEL'} "
+        '"Why is the sky blue?"\n      ollama-autoscaler models\n      ollama-autoscaler status\n'
+        "Ctrl-C stops everything.",
         flush=True,
     )
     watcher = asyncio.create_task(_watch_procs(stack, stop))
@@ -353,7 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="run the whole local stack (Ctrl-C stops it)")
-    up.add_argument("--nodes", type=int, default=1)
+    up.add_argument("--nodes", type=int, default=1, help="llama-server nodes (0: none)")
+    up.add_argument(
+        "--ollama",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also front this Ollama server as a node (repeatable)",
+    )
     up.add_argument("--node-memory", default="1.5GiB", help="memory budget per node")
     up.add_argument("--models", help="comma-separated model names (aliases of Gemma 3 270M)")
     up.add_argument("--policy", choices=["cost", "fewest", "lru"])

@@ -88,6 +88,34 @@ def _bin(name: str) -> str:
     return found
 
 
+# Memory of a loaded model = file size + KV cache and compute buffers. Without per-model GGUF
+# metadata we estimate the overhead as 20 % of the file plus 256 MiB (a 2-4k context on a
+# 1-8B model; shared/notes/ollama.md §1.6 has Ollama's own, finer estimate).
+def estimate_loaded_bytes(file_bytes: int) -> int:
+    return int(file_bytes * 1.2) + 256 * MIB
+
+
+async def register_ollama_models(catalog: Catalog, url: str) -> None:
+    """Put every model an Ollama server has pulled into the catalog (unless already there)."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        resp = await client.get("/api/tags")
+        resp.raise_for_status()
+        for m in resp.json().get("models", []):
+            if await catalog.get(m["name"]) is None:
+                details = m.get("details") or {}
+                await catalog.put(
+                    ModelInfo(
+                        name=m["name"],
+                        bytes=estimate_loaded_bytes(int(m["size"])),
+                        file_bytes=int(m["size"]),
+                        digest=m.get("digest"),
+                        family=details.get("family"),
+                        params=details.get("parameter_size"),
+                        quant=details.get("quantization_level"),
+                    )
+                )
+
+
 @dataclass
 class StackConfig:
     state_dir: Path = field(default_factory=lambda: CACHE_DIR / "state")
@@ -105,6 +133,7 @@ class StackConfig:
     ack_wait_s: float | None = None
     ctx_size: int = 2048
     fresh: bool = False  # wipe JetStream state first
+    ollama_urls: tuple[str, ...] = ()  # existing Ollama servers to front, one node each
 
 
 @dataclass
@@ -300,7 +329,10 @@ class LocalStack:
 
     # -- in-process pieces -------------------------------------------------------------------
     async def register_catalog(self, catalog: Catalog) -> None:
-        for name in self.cfg.models:
+        for node_id, url in self.runtime_urls.items():
+            if self.runtime_kinds.get(node_id) == "ollama":
+                await register_ollama_models(catalog, url)
+        for name in self.cfg.models if self.cfg.nodes else ():
             await catalog.put(
                 ModelInfo(
                     name=name,
@@ -355,7 +387,11 @@ class LocalStack:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         try:
             await self.start_nats()
-            await self.start_runtimes(progress)
+            if self.cfg.nodes:
+                await self.start_runtimes(progress)
+            for i, url in enumerate(self.cfg.ollama_urls):
+                self.runtime_urls[f"ollama-{i}"] = url.rstrip("/")
+                self.runtime_kinds[f"ollama-{i}"] = "ollama"
             fn_urls = await self.start_functions() if self.cfg.transport == "http" else None
             await self.start_control_plane(fn_urls)
         except BaseException:
@@ -371,12 +407,17 @@ class LocalStack:
             f"({', '.join(self.cfg.functions)}; transport {self.cfg.transport})"
         )
         lines.append(
-            f"  {'node agents':<26} in this process  "
-            f"({self.cfg.nodes} x {self.cfg.node_memory / GIB:.2f} GiB)"
+            f"  {'node agents':<26} in this process  ({len(self.runtime_urls)} x "
+            f"{self.cfg.node_memory / GIB:.2f} GiB: {', '.join(self.runtime_urls)})"
         )
-        lines.append(
-            f"  models: {', '.join(self.cfg.models)} ({self.cfg.model_bytes / MIB:.0f} MiB each)"
-        )
+        for node_id, url in self.runtime_urls.items():
+            if self.runtime_kinds.get(node_id) == "ollama":
+                lines.append(f"  {node_id:<26} ollama (not started by us) {url}")
+        if self.cfg.nodes:
+            lines.append(
+                f"  models: {', '.join(self.cfg.models)} "
+                f"({self.cfg.model_bytes / MIB:.0f} MiB each, aliases of Gemma 3 270M)"
+            )
         return "\n".join(lines)
 
     async def stop(self) -> None:

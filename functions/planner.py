@@ -203,7 +203,10 @@ def plan(
         )
     if all(req.bytes > n.capacity_bytes for n in live):
         biggest = max(n.capacity_bytes for n in live)
-        return Reject(f"{req.model} needs {req.bytes} bytes; the largest node has {biggest}")
+        return Reject(
+            f"{req.model} needs {req.bytes / 2**30:.2f} GiB ({req.bytes} bytes); the largest "
+            f"node has {biggest / 2**30:.2f} GiB: add a bigger node or use a smaller quant"
+        )
     best: tuple[tuple[int, int, int, int, str], Placement] | None = None
     for node in live:
         if req.model in node.models:
