@@ -28,12 +28,12 @@ from events.types import (
     ChatStats,
     ChatToken,
     ErrorInfo,
-    ModelEvict,
     ModelLoad,
 )
 
 from . import planner, state
 from .context import Services
+from .evict import request_evict
 from .runtimes.base import RuntimeFailure
 from .state import NodeRecord, TransitionError
 from .tasks import TERMINAL, QueueEntry, TaskRecord
@@ -199,15 +199,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             )
         placed_at = time.time()
         for victim in result.evict:
-            await bus.publish(
-                svc.js,
-                Event(
-                    "model.evict",
-                    ModelEvict(
-                        model=victim, node=result.node_id, reason=f"make room for {req.model}"
-                    ).model_dump(),
-                ),
-            )
+            await request_evict(svc, victim, result.node_id, f"make room for {req.model}")
         await bus.publish(
             svc.js,
             Event(

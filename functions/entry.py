@@ -16,7 +16,7 @@ from cloudevents.http import from_http
 from starlette.requests import Request
 from starlette.responses import Response
 
-from events.codec import Event
+from events.codec import CORE_ATTRS, Event
 from events.outcome import Outcome, Reject, to_http
 
 from . import chat, evict, load, reconcile
@@ -34,19 +34,7 @@ HANDLERS: dict[str, Handler] = {
 def _to_event(headers: dict[str, str], body: bytes) -> Event:
     ce = from_http(headers, body)
     attrs = dict(ce.get_attributes())
-    core = {
-        k: attrs.pop(k, None)
-        for k in (
-            "id",
-            "source",
-            "type",
-            "specversion",
-            "time",
-            "subject",
-            "datacontenttype",
-            "dataschema",
-        )
-    }
+    core = {k: attrs.pop(k, None) for k in CORE_ATTRS}
     data = ce.get_data()
     if isinstance(data, (bytes, bytearray)) and data:
         data = json.loads(data)

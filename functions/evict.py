@@ -24,6 +24,14 @@ from .state import TransitionError
 log = logging.getLogger("functions.evict")
 
 
+async def request_evict(
+    svc: Services, model: str, node: str, reason: str, msg_id: str | None = None
+) -> None:
+    """Publish `model.evict` for a slot that a CAS has already marked `evicting`."""
+    event = Event("model.evict", ModelEvict(model=model, node=node, reason=reason).model_dump())
+    await bus.publish(svc.js, event, msg_id=msg_id)
+
+
 async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     try:
         req = ModelEvict.model_validate(event.data)

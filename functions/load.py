@@ -15,10 +15,11 @@ from pydantic import ValidationError
 from events import bus
 from events.codec import Event
 from events.outcome import Done, Outcome, Reject, Retry
-from events.types import ModelEvict, ModelLoad, ModelLoaded
+from events.types import ModelLoad, ModelLoaded
 
 from . import planner, state
 from .context import Services
+from .evict import request_evict
 from .runtimes.base import RuntimeFailure
 from .state import NodeRecord
 
@@ -44,15 +45,7 @@ async def _place(svc: Services, req: ModelLoad) -> str | Outcome:
     if isinstance(result, planner.Queue):
         return Retry(1.0, result.reason, failure=False)
     for victim in result.evict:
-        await bus.publish(
-            svc.js,
-            Event(
-                "model.evict",
-                ModelEvict(
-                    model=victim, node=result.node_id, reason=f"make room for {req.model}"
-                ).model_dump(),
-            ),
-        )
+        await request_evict(svc, victim, result.node_id, f"make room for {req.model}")
     return result.node_id
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
-from events import bus
 from events.codec import Event
 from events.outcome import Done, Outcome
-from events.types import ModelEvict
 
 from . import planner, state
 from .context import Services
+from .evict import request_evict
 from .state import NodeRecord, Slot, TransitionError
 
 log = logging.getLogger("functions.reconcile")
@@ -57,10 +56,8 @@ async def reconcile_node(svc: Services, record: NodeRecord, now: float) -> list[
         if slot.state == "ready" and loaded is not None and model not in loaded:
             await svc.fleet.update(
                 node_id,
-                lambda r, m=model: (
-                    state.remove(r, m, error="runtime no longer had it loaded")
-                    if r.models.get(m) and r.models[m].state == "ready"
-                    else r
+                lambda r, m=model: state.remove_if(
+                    r, m, "ready", "runtime no longer had it loaded"
                 ),
             )
             actions.append(f"dropped {model}: runtime lost it")
@@ -77,33 +74,19 @@ async def reconcile_node(svc: Services, record: NodeRecord, now: float) -> list[
                 )
             except TransitionError:
                 continue
-            await bus.publish(
-                svc.js,
-                Event(
-                    "model.evict",
-                    ModelEvict(model=model, node=node_id, reason="keep_alive expired").model_dump(),
-                ),
-            )
+            await request_evict(svc, model, node_id, "keep_alive expired")
             actions.append(f"keep-alive expired: {model}")
         elif slot.state == "loading" and now - slot.since > svc.settings.load_timeout_s + 30:
             await svc.fleet.update(
-                node_id,
-                lambda r, m=model: (
-                    state.remove(r, m, error="load timed out")
-                    if r.models.get(m) and r.models[m].state == "loading"
-                    else r
-                ),
+                node_id, lambda r, m=model: state.remove_if(r, m, "loading", "load timed out")
             )
             actions.append(f"dropped stuck load of {model}")
         elif slot.state == "evicting" and now - slot.since > EVICT_RESEND_S:
-            await bus.publish(
-                svc.js,
-                Event(
-                    "model.evict",
-                    ModelEvict(
-                        model=model, node=node_id, reason="evict re-sent by reconcile"
-                    ).model_dump(),
-                ),
+            await request_evict(
+                svc,
+                model,
+                node_id,
+                "evict re-sent by reconcile",
                 msg_id=f"reconcile.{node_id}.{model}.{int(now // EVICT_RESEND_S)}",
             )
             actions.append(f"re-sent evict of {model}")

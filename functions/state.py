@@ -142,6 +142,12 @@ def remove(node: NodeRecord, model: str, error: str | None = None) -> NodeRecord
     return new
 
 
+def remove_if(node: NodeRecord, model: str, in_state: SlotState, error: str) -> NodeRecord:
+    """Drop the slot only if it is still `in_state` (a reconcile decision may be stale)."""
+    slot = node.models.get(model)
+    return remove(node, model, error) if slot and slot.state == in_state else node
+
+
 def take_lease(node: NodeRecord, model: str, task_id: str, now: float) -> NodeRecord:
     new = _copy(node)
     slot = new.models.get(model)

@@ -102,3 +102,22 @@ def llama_available() -> bool:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+async def fake_ollama() -> AsyncIterator[tuple[Any, str]]:
+    """The WIRE-LEVEL FAKE of Ollama's HTTP API (not Ollama), served by uvicorn on a free port."""
+    import uvicorn
+
+    from functions.runtimes.fake_ollama import FakeOllama
+
+    state = FakeOllama()
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(state.app(), host="127.0.0.1", port=port, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started, what="fake ollama to start")
+    yield state, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task

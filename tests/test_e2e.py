@@ -267,56 +267,37 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack)
     await nc.close()
 
 
-async def test_cli_chat_prints_text_and_stats(make_stack):
-    stack, nc = await make_stack()
+async def _cli(stack: LocalStack, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "autoscaler.cli",
         "--nats",
         stack.nats_url,
-        "chat",
-        "--model",
-        A,
-        "--max-tokens",
-        "12",
-        "Why is the sky blue?",
+        *args,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, err.decode()
-    last = out.decode().strip().splitlines()[-1]
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_cli_chat_prints_text_and_stats_and_status_and_manual_evict(make_stack):
+    stack, nc = await make_stack()
+    rc, out, err = await _cli(stack, "chat", "--model", A, "--max-tokens", "12", "Why?")
+    assert rc == 0, err
+    last = out.strip().splitlines()[-1]
     assert last.startswith("[queue_ms=") and "tokens=12" in last and "node=node-0" in last
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autoscaler.cli",
-        "--nats",
-        stack.nats_url,
-        "status",
-        "--json",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    status = json.loads(out)
-    assert status["nodes"][0]["models"][A]["state"] == "ready"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autoscaler.cli",
-        "--nats",
-        stack.nats_url,
-        "chat",
-        "--model",
-        "missing-model",
-        "hi",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1 and b"unknown_model" in err
+    rc, out, _ = await _cli(stack, "status", "--json")
+    assert json.loads(out)["nodes"][0]["models"][A]["state"] == "ready"
+    rc, _, err = await _cli(stack, "chat", "--model", "missing-model", "hi")
+    assert rc == 1 and "unknown_model" in err
+    rc, out, err = await _cli(stack, "load", B)
+    assert rc == 0 and f"{B} ready on node-0" in out, err
+    rc, out, err = await _cli(stack, "evict", A)
+    assert rc == 0 and f"{A} evicted" in out, err
+    assert (await _runtime_models(stack))[A] == "unloaded"
+    rc, out, _ = await _cli(stack, "models")
+    assert f"{B}" in out and "node-0:ready" in out
     await nc.close()

@@ -4,40 +4,22 @@ only when OLLAMA_HOST answers."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 
 from autoscaler.client import chat
-from autoscaler.stack import LocalStack, StackConfig, free_port
+from autoscaler.stack import LocalStack, StackConfig
 from functions.context import Settings
 from functions.runtimes.base import RuntimeFailure
-from functions.runtimes.fake_ollama import FakeOllama
 from functions.runtimes.ollama import OllamaRuntime
 
 from .conftest import Collector, wait_until
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeOllama, str]]:
-    state = FakeOllama()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(state.app(), host="127.0.0.1", port=port, log_level="warning")
-    )
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, what="fake ollama to start")
-    yield state, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
-
-
-async def test_adapter_lists_loads_streams_and_unloads(fake):
-    state, url = fake
+async def test_adapter_lists_loads_streams_and_unloads(fake_ollama):
+    state, url = fake_ollama
     rt = OllamaRuntime(url)
     assert await rt.available() == ["gemma3:270m", "llama3.2:1b"]
     await rt.load("gemma3:270m", timeout=10)
@@ -57,8 +39,8 @@ async def test_adapter_lists_loads_streams_and_unloads(fake):
     await rt.aclose()
 
 
-async def test_adapter_reports_unknown_models_with_a_code(fake):
-    _, url = fake
+async def test_adapter_reports_unknown_models_with_a_code(fake_ollama):
+    _, url = fake_ollama
     rt = OllamaRuntime(url)
     with pytest.raises(RuntimeFailure) as err:
         await rt.load("nope:1b", timeout=5)
@@ -69,9 +51,9 @@ async def test_adapter_reports_unknown_models_with_a_code(fake):
     await rt.aclose()
 
 
-async def test_chat_through_the_system_on_an_ollama_node(fake, nats_url, nc, tmp_path):
+async def test_chat_through_the_system_on_an_ollama_node(fake_ollama, nats_url, nc, tmp_path):
     """The whole control plane (in-process functions) serving from the fake Ollama node."""
-    state, url = fake
+    state, url = fake_ollama
     # No llama-server nodes: the catalog comes from the fake's /api/tags, sizes estimated as
     # file x 1.2 + 256 MiB (616 MB and 1.85 GB), so a 2 GiB node fits one of the two.
     cfg = StackConfig(

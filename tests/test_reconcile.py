@@ -6,10 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-import uvicorn
-
-from autoscaler.stack import free_port
 from events import bus
 from events.codec import Event
 from events.dispatcher import MAX_FAILED_DELIVERIES, Dispatcher, in_process
@@ -17,26 +13,11 @@ from events.outcome import Done, Reject, Retry
 from functions import reconcile, state
 from functions.catalog import ModelInfo
 from functions.context import Settings, open_services
-from functions.runtimes.fake_ollama import FakeOllama
 from functions.state import NodeRecord, Slot
 
 from .conftest import Collector, wait_until
 
 M = "gemma3:270m"
-
-
-@pytest.fixture
-async def fake_url():
-    fake = FakeOllama()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="warning")
-    )
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, what="fake ollama")
-    yield fake, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
 
 
 async def _svc(nats_url: str, node_id: str, url: str, **models: Slot):
@@ -54,8 +35,8 @@ async def _svc(nats_url: str, node_id: str, url: str, **models: Slot):
     return svc
 
 
-async def test_idle_model_past_keep_alive_is_evicted_and_active_one_is_not(nats_url, fake_url):
-    fake, url = fake_url
+async def test_idle_model_past_keep_alive_is_evicted_and_active_one_is_not(nats_url, fake_ollama):
+    fake, url = fake_ollama
     fake.loaded.update({M: float("inf"), "llama3.2:1b": float("inf")})
     past = time.time() - 1
     svc = await _svc(
@@ -79,8 +60,8 @@ async def test_idle_model_past_keep_alive_is_evicted_and_active_one_is_not(nats_
     await svc.close()
 
 
-async def test_stale_leases_expire_and_drift_is_repaired(nats_url, fake_url):
-    fake, url = fake_url
+async def test_stale_leases_expire_and_drift_is_repaired(nats_url, fake_ollama):
+    fake, url = fake_ollama
     fake.loaded.clear()
     fake.loaded[M] = float("inf")  # loaded behind the planner's back
     svc = await _svc(
@@ -98,8 +79,8 @@ async def test_stale_leases_expire_and_drift_is_repaired(nats_url, fake_url):
     await svc.close()
 
 
-async def test_stale_lease_is_expired(nats_url, fake_url):
-    fake, url = fake_url
+async def test_stale_lease_is_expired(nats_url, fake_ollama):
+    fake, url = fake_ollama
     fake.loaded[M] = float("inf")
     svc = await _svc(
         nats_url,
