@@ -357,7 +357,7 @@ class LocalStack:
                 process_tree_probe(proc.popen.pid, self.cfg.node_memory) if proc else None
             )
             agent = NodeAgent(svc.fleet, node_id, runtime, self.cfg.node_memory, probe)
-            await agent.beat(await runtime.available())
+            await agent.register()
             self.tasks.append(asyncio.create_task(agent.run(self.stop_event)))
         for name in self.cfg.functions:
             spec = bus.CONSUMERS[name]

@@ -70,7 +70,18 @@ class NodeAgent:
         self.fleet, self.node_id, self.runtime = fleet, node_id, runtime
         self.capacity_bytes, self.probe, self.interval_s = capacity_bytes, probe, interval_s
 
-    async def beat(self, available: list[str] | None = None) -> NodeRecord:
+    async def register(self) -> NodeRecord:
+        """First beat after the runtime (re)started: forget residency it cannot have.
+
+        A previous run may have left `loading`/`ready` slots in KV for a runtime that has
+        just started empty; keeping them would hold phantom memory until reconcile caught up.
+        """
+        loaded = await self.runtime.loaded()
+        return await self.beat(await self.runtime.available(), keep_only=set(loaded))
+
+    async def beat(
+        self, available: list[str] | None = None, keep_only: set[str] | None = None
+    ) -> NodeRecord:
         measured = self.probe() if self.probe else None
         now = time.time()
 
@@ -81,6 +92,8 @@ class NodeAgent:
             new.capacity_bytes = self.capacity_bytes
             if available is not None:
                 new.available = available
+            if keep_only is not None:
+                new.models = {m: s for m, s in new.models.items() if m in keep_only}
             return new
 
         fresh = NodeRecord(

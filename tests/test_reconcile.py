@@ -133,3 +133,28 @@ async def test_dispatcher_outcomes_ack_retry_and_dead_letter(nats_url):
     d_stop.set()
     await runner
     await svc.close()
+
+
+async def test_node_agent_registration_forgets_residency_the_runtime_does_not_have(
+    nats_url, fake_ollama
+):
+    from functions.node_agent import NodeAgent
+    from functions.runtimes.ollama import OllamaRuntime
+
+    fake, url = fake_ollama
+    fake.loaded.clear()
+    fake.loaded[M] = float("inf")
+    svc = await _svc(
+        nats_url,
+        "r4",
+        url,
+        **{
+            M: Slot(state="ready", bytes=1),
+            "llama3.2:1b": Slot(state="loading", bytes=1, since=time.time() - 999),
+        },
+    )
+    agent = NodeAgent(svc.fleet, "r4", OllamaRuntime(url), capacity_bytes=1 << 30)
+    rec = await agent.register()
+    assert set(rec.models) == {M}  # the phantom `loading` slot of a previous run is gone
+    assert rec.available == ["gemma3:270m", "llama3.2:1b"] and rec.heartbeat_at > 0
+    await svc.close()
