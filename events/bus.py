@@ -9,10 +9,12 @@ KV buckets: fleet (node records), models (catalog), tasks (task records + queue 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client as NATS
@@ -60,21 +62,35 @@ CONSUMERS: dict[str, ConsumerSpec] = {
 
 
 async def connect(url: str = DEFAULT_NATS_URL, name: str = "ollama-autoscaler") -> NATS:
-    """Connect, with a clear message when nothing listens at `url`."""
+    """Connect, with one clear message when nothing listens at `url`.
+
+    Once connected, the client reconnects forever (a restarted nats-server is survived); the
+    first connection is checked up front so a wrong URL fails fast instead of retrying.
+    """
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    hint = "is the stack running? start it with `make run`, or pass --nats URL"
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), 3
+        )
+        writer.close()
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"cannot reach NATS at {url} ({exc}); {hint}") from exc
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
     try:
         return await nats.connect(
             url,
             name=name,
             connect_timeout=3,
             max_reconnect_attempts=-1,
-            allow_reconnect=True,
             reconnect_time_wait=0.5,
+            error_cb=on_error,
         )
     except Exception as exc:  # nats raises several unrelated types for "no server"
-        raise ConnectionError(
-            f"cannot reach NATS at {url} ({exc.__class__.__name__}: {exc}); is the stack "
-            "running? start it with `make run` or pass --nats URL"
-        ) from exc
+        raise ConnectionError(f"cannot connect to NATS at {url} ({exc!r}); {hint}") from exc
 
 
 async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
