@@ -1,5 +1,5 @@
 # Ollama Autoscaler: `make run` starts the whole local stack, `make test` runs the test suite.
-PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo /root/.pyenv/versions/3.12.1/bin/python3.12)
+PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(shell command -v python3.12))
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 

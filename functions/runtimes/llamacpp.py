@@ -89,6 +89,7 @@ class LlamaCppRuntime:
             ("max_tokens", "max_tokens"),
             ("top_p", "top_p"),
             ("seed", "seed"),
+            ("stop", "stop"),
         ):
             if options.get(ours) is not None:
                 body[theirs] = options[ours]

@@ -79,6 +79,7 @@ class OllamaRuntime:
             ("top_p", "top_p"),
             ("seed", "seed"),
             ("num_ctx", "num_ctx"),
+            ("stop", "stop"),
         ):
             if options.get(ours) is not None:
                 opts[theirs] = options[ours]
