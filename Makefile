@@ -19,14 +19,17 @@ prepare: install  ## build llama-server once (about 6 min on 2 cores, cached) an
 run: prepare  ## the whole system on embedded defaults; Ctrl-C stops it
 	$(BIN)/ollama-autoscaler up
 
-test: prepare  ## everything CI runs
+DOMAIN := functions/planner.py functions/state.py events/codec.py events/keys.py events/types.py events/outcome.py
+
+test: prepare lint  ## everything CI runs
 	$(BIN)/python -m pytest -q
 
 test-fast: install  ## no llama-server: planner, codec, fleet, Ollama fake, reconcile
 	$(BIN)/python -m pytest -q -m "not e2e"
 
-lint: install
+lint: install  ## ruff on everything, mypy --strict on the pure domain
 	$(BIN)/python -m ruff check events functions autoscaler tests
+	$(BIN)/python -m mypy --strict $(DOMAIN)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
