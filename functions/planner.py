@@ -3,8 +3,8 @@
 The eviction set on a node is a minimum-cost subset of its evictable models whose bytes cover
 the shortfall (a covering knapsack), solved exactly by branch and bound with the LP
 (fractional) bound. Costs are integers so that "equal" means equal; ties are broken the same
-way by every policy and by the brute-force oracle in the tests:
-    (policy cost, number of victims, bytes freed, victim names).
+way by every policy and by the brute-force oracle in the tests (see `tie_key`):
+    (policy cost, number of victims, bytes freed, a bitmask of victim names).
 
 Policies:
   fewest - the seed's rule: fewest models, then least bytes freed.
@@ -17,8 +17,10 @@ Policies:
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Literal
 
 from .state import NodeRecord, Slot, decayed_rate
@@ -117,63 +119,108 @@ def candidates(
     raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
 
 
-def _tie_key(chosen: Sequence[Candidate]) -> tuple[int, int, int, tuple[str, ...]]:
+def tie_key(chosen: Sequence[Candidate], all_names: Sequence[str]) -> tuple[int, int, int, int]:
+    """The order every policy minimises: cost, count, bytes, then a name bitmask.
+
+    The last term is sum(2**rank(name)) over the victims, ranks from the sorted names of all
+    candidates: among sets equal in everything else, keep the models whose names sort last.
+    It makes the optimum unique, so the solver never has to explore ties.
+    """
+    rank = {name: r for r, name in enumerate(sorted(all_names))}
     return (
         sum(c.cost for c in chosen),
         len(chosen),
         sum(c.bytes for c in chosen),
-        tuple(sorted(c.name for c in chosen)),
+        sum(1 << rank[c.name] for c in chosen),
     )
 
 
 def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidate, ...] | None:
-    """Exact minimum of (cost, count, bytes, names) over subsets with bytes >= shortfall.
+    """Exact minimum of `tie_key` over subsets whose bytes cover `shortfall`.
 
     Returns () when nothing is short, None when even all candidates do not cover it.
+    Branch and bound over one integer weight per item that folds the whole key in; the bounds
+    are the LP (fractional) relaxation and a cardinality bound, both in exact integers.
     """
     if shortfall <= 0:
         return ()
-    useful = [c for c in cands if c.bytes > 0]
-    if sum(c.bytes for c in useful) < shortfall:
-        return None
-    n = len(useful)
+    names = sorted(c.name for c in cands)
+    useful = sorted((c for c in cands if c.bytes > 0), key=lambda c: c.name)
     total = sum(c.bytes for c in useful)
-    # Fold (cost, count, bytes) into one integer weight: lexicographic order is preserved
-    # because count <= n < n+1 and bytes <= total < total+1.
-    weight = [(c.cost * (n + 1) + 1) * (total + 1) + c.bytes for c in useful]
-    order = sorted(range(n), key=lambda i: (weight[i] / useful[i].bytes, useful[i].name))
-    items = [useful[i] for i in order]
-    w = [weight[i] for i in order]
+    if total < shortfall:
+        return None
+    n = len(cands)
+    rank = {name: r for r, name in enumerate(names)}
+    # weight = ((cost*(n+1) + 1)*(total+1) + bytes) * 2**n + 2**rank: lexicographic in
+    # (cost, count, bytes, bitmask) because count <= n, bytes <= total, bitmask < 2**n.
+    weight = {
+        c.name: (((c.cost * (n + 1) + 1) * (total + 1) + c.bytes) << n) + (1 << rank[c.name])
+        for c in useful
+    }
+    items = sorted(useful, key=lambda c: (Fraction(weight[c.name], c.bytes), c.name))
+    m = len(items)
+    w = [weight[c.name] for c in items]
     b = [c.bytes for c in items]
-    suffix = [0] * (n + 1)
-    for i in range(n - 1, -1, -1):
+    suffix = [0] * (m + 1)
+    for i in range(m - 1, -1, -1):
         suffix[i] = suffix[i + 1] + b[i]
+    costs = [c.cost for c in items]
+    bits = [1 << rank[c.name] for c in items]
+    tails: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
 
-    best_w: int | None = None
-    best_names: tuple[str, ...] = ()
+    def _prefix(values: list[int]) -> list[int]:
+        out = [0]
+        for v in values:
+            out.append(out[-1] + v)
+        return out
+
+    def count_bound(k: int, need: int) -> int:
+        """A lower bound on the weight any cover of `need` from items[k:] adds.
+
+        It takes at least kmin items (largest first); any j >= kmin of them cost, weigh and
+        name-sum at least the kmin smallest of each, and cover at least `need` bytes.
+        """
+        tail = tails.get(k)
+        if tail is None:
+            tail = (
+                _prefix(sorted(b[k:], reverse=True)),
+                _prefix(sorted(b[k:])),
+                _prefix(sorted(costs[k:])),
+                _prefix(sorted(bits[k:])),
+            )
+            tails[k] = tail
+        largest, smallest, cheapest, lowest = tail
+        kmin = bisect_left(largest, need)
+        nbytes = max(need, smallest[kmin])
+        return ((((cheapest[kmin] * (n + 1)) + kmin) * (total + 1) + nbytes) << n) + lowest[kmin]
+
+    def bound(k: int, need: int) -> int:
+        lp = 0
+        for i in range(k, m):
+            if b[i] >= need:
+                lp += w[i] * need // b[i]
+                break
+            lp += w[i]
+            need -= b[i]
+        return lp
+
+    best_w = -1
     best: list[int] = []
     chosen: list[int] = []
 
-    def bound(k: int, need: int) -> float:
-        lb = 0.0
-        for i in range(k, n):
-            if b[i] >= need:
-                return lb + w[i] * (need / b[i])
-            lb += w[i]
-            need -= b[i]
-        return math.inf
-
     def dfs(k: int, need: int, acc: int) -> None:
-        nonlocal best_w, best_names, best
+        nonlocal best_w, best
         if need <= 0:
-            names = tuple(sorted(items[i].name for i in chosen))
-            if best_w is None or acc < best_w or (acc == best_w and names < best_names):
-                best_w, best_names, best = acc, names, list(chosen)
+            if best_w < 0 or acc < best_w:
+                best_w, best = acc, list(chosen)
             return
-        if k == n or suffix[k] < need:
+        if k == m or suffix[k] < need:
             return
-        if best_w is not None and acc + bound(k, need) > best_w * (1 + 1e-12) + 1e-6:
-            return
+        if best_w >= 0:
+            if acc + count_bound(k, need) >= best_w:
+                return
+            if acc + bound(k, need) >= best_w:
+                return
         chosen.append(k)
         dfs(k + 1, need - b[k], acc + w[k])
         chosen.pop()
@@ -212,10 +259,11 @@ def plan(
         if req.model in node.models:
             continue  # already loading/ready/evicting there: the caller waits on that slot
         shortfall = req.bytes - node.free_bytes()
-        chosen = min_cost_cover(candidates(node, policy, now, req.reserved), shortfall)
+        cands = candidates(node, policy, now, req.reserved)
+        chosen = min_cost_cover(cands, shortfall)
         if chosen is None:
             continue
-        cost, count, freed, _ = _tie_key(chosen)
+        cost, count, freed, _ = tie_key(chosen, [c.name for c in cands])
         free_after = node.free_bytes() + freed - req.bytes
         key = (cost, count, freed, -free_after, node.node_id)
         if best is None or key < best[0]:
