@@ -3,7 +3,7 @@ PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test test-fast prepare lint clean
+.PHONY: install run test test-fast prepare lint clean bench-planner
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,6 @@ lint: install  ## ruff on everything, mypy --strict on the pure domain
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+
+bench-planner: install  ## exact planner vs the seed's brute force; CSV in docs/bench/
+	$(BIN)/python -m bench.planner

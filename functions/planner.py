@@ -20,7 +20,8 @@ import math
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
+from functools import cmp_to_key
+from itertools import accumulate
 from typing import Literal
 
 from .state import NodeRecord, Slot, decayed_rate
@@ -157,7 +158,16 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
         c.name: (((c.cost * (n + 1) + 1) * (total + 1) + c.bytes) << n) + (1 << rank[c.name])
         for c in useful
     }
-    items = sorted(useful, key=lambda c: (Fraction(weight[c.name], c.bytes), c.name))
+    # Ratio order (weight per byte), compared exactly by cross-multiplication.
+    items = sorted(
+        useful,
+        key=cmp_to_key(
+            lambda x, y: (
+                weight[x.name] * y.bytes - weight[y.name] * x.bytes
+                or (x.name > y.name) - (x.name < y.name)
+            )
+        ),
+    )
     m = len(items)
     w = [weight[c.name] for c in items]
     b = [c.bytes for c in items]
@@ -169,10 +179,7 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
     tails: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
 
     def _prefix(values: list[int]) -> list[int]:
-        out = [0]
-        for v in values:
-            out.append(out[-1] + v)
-        return out
+        return list(accumulate(values, initial=0))
 
     def count_bound(k: int, need: int) -> int:
         """A lower bound on the weight any cover of `need` from items[k:] adds.
@@ -217,9 +224,7 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
         if k == m or suffix[k] < need:
             return
         if best_w >= 0:
-            if acc + count_bound(k, need) >= best_w:
-                return
-            if acc + bound(k, need) >= best_w:
+            if acc + bound(k, need) >= best_w or acc + count_bound(k, need) >= best_w:
                 return
         chosen.append(k)
         dfs(k + 1, need - b[k], acc + w[k])
