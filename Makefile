@@ -3,7 +3,7 @@ PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test test-fast prepare lint clean bench-planner
+.PHONY: install run test test-fast prepare lint clean bench-planner bench-sched
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,6 @@ clean:
 
 bench-planner: install  ## exact planner vs the seed's brute force; CSV in docs/bench/
 	$(BIN)/python -m bench.planner
+
+bench-sched: install  ## scheduling quality on real traces (simulation); CSV + plots in docs/bench/
+	$(BIN)/python -m bench.sched

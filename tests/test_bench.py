@@ -31,3 +31,30 @@ def test_planner_bench_quick_run_writes_its_csv(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "planner.csv").open()))
     assert {r["n"] for r in rows} >= {"8", "12", "32"}
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_sched_bench_quick_run_writes_table_csv_and_plots(tmp_path, capsys):
+    from bench import sched
+
+    assert sched.main(["--alphas", "1.0", "--limit", "300", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "sched.csv").open()))
+    assert {r["policy"] for r in rows} == {"ollama", "fewest", "lru", "cost"}
+    for r in rows:
+        # every policy serves everything; none can load less than the bound on its own order
+        assert int(r["requests"]) + int(r["unserved"]) == 300
+        assert float(r["load_s"]) >= float(r["lb_served_s"]) - 1e-6
+    assert (tmp_path / "sched_wait_cdf.png").stat().st_size > 1000
+    assert "SIMULATION" in capsys.readouterr().out
+
+
+def test_lower_bound_is_exact_on_a_tiny_instance():
+    from bench import bound
+    from bench.sim import Request
+
+    # Two models of size 1 alternate (a b a b a b), memory 1. The bound lets a request be
+    # served without displacing what is resident (FOO's interval model), so `a` stays and
+    # only b's two re-requests miss: 2 compulsory + 2 misses. With memory 2 nothing misses.
+    reqs = [Request(i, float(i), "ab"[i % 2], 1, 1) for i in range(6)]
+    lb1, first = bound.lower_bound(reqs, int(1e9), lambda m: int(1e9), lambda m: 10.0)
+    lb2, _ = bound.lower_bound(reqs, int(2e9), lambda m: int(1e9), lambda m: 10.0)
+    assert first == 2 and abs(lb1 - 40.0) < 1e-6 and abs(lb2 - 20.0) < 1e-6
