@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 import nats
@@ -176,22 +175,10 @@ async def publish_fast(nc: NATS, event: Event, chat_id: str | None = None) -> No
     await nc.publish(subject_for(event.type, chat_id), body, headers=headers)
 
 
-async def snapshot(store: KeyValue, pattern: str, meta_only: bool = False) -> list[Any]:
-    """The current entries of every key matching `pattern` (server-side filter), in one pass.
-
-    Deleted keys are left out. (nats-py's `keys(filters=...)` matches substrings client-side
-    after reading every key; this asks the server for just the subjects we want.)
-    """
-    watcher = await store.watch(pattern, ignore_deletes=False, meta_only=meta_only)
-    latest: dict[str, Any] = {}
-    try:
-        while True:
-            entry = await watcher.updates(timeout=5.0)
-            if entry is None:
-                break
-            # Writes that land while we read arrive too: keep only the newest per key.
-            if entry.key not in latest or entry.revision > latest[entry.key].revision:
-                latest[entry.key] = entry
-    finally:
-        await watcher.stop()
-    return [e for e in latest.values() if e.operation is None]
+async def keys_matching(js: JetStreamContext, bucket: str, pattern: str) -> list[str]:
+    """Keys of `bucket` matching `pattern`, from the stream's subject index: one request and
+    no consumer (a watch per call creates an ordered consumer each time, which piles up under
+    load until the server refuses more). Deleted keys may still be listed."""
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{pattern}")
+    prefix = f"$KV.{bucket}."
+    return sorted(s.removeprefix(prefix) for s in (info.state.subjects or {}))

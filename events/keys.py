@@ -52,7 +52,3 @@ def model_key(model: str) -> str:
 
 def task_key(task_id: str) -> str:
     return f"task.{encode_name(task_id)}"
-
-
-def queue_key(task_id: str) -> str:
-    return f"queue.{encode_name(task_id)}"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from nats.js import JetStreamContext
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from events.bus import snapshot
-from events.keys import model_key
+from events.bus import MODELS_BUCKET, keys_matching
+from events.keys import decode_name, model_key
 
 
 class ModelInfo(BaseModel):
@@ -22,8 +23,8 @@ class ModelInfo(BaseModel):
 
 
 class Catalog:
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
+        self.kv, self.js = kv, js
 
     async def get(self, name: str) -> ModelInfo | None:
         try:
@@ -36,8 +37,9 @@ class Catalog:
         await self.kv.put(model_key(info.name), info.model_dump_json().encode())
 
     async def all(self) -> list[ModelInfo]:
-        entries = await snapshot(self.kv, "model.*")
-        return sorted(
-            (ModelInfo.model_validate_json(e.value) for e in entries if e.value),
-            key=lambda m: m.name,
-        )
+        out = []
+        for key in await keys_matching(self.js, MODELS_BUCKET, "model.*"):
+            info = await self.get(decode_name(key.removeprefix("model.")))
+            if info is not None:
+                out.append(info)
+        return sorted(out, key=lambda m: m.name)

@@ -54,13 +54,15 @@ def _event_time(event: Event, now: float) -> float:
 
 
 async def _fail(svc: Services, task: TaskRecord, code: str, message: str) -> None:
+    was_queued = task.state == "queued"
     task.state, task.error, task.updated_at = (
         "failed",
         {"code": code, "message": message},
         time.time(),
     )
     await svc.tasks.put(task)
-    await svc.tasks.dequeue(task.task_id)
+    if was_queued:
+        await svc.tasks.dequeue(task.task_id)
     data = ChatFailed(
         chat_id=task.chat_id, task_id=task.task_id, error=ErrorInfo(code=code, message=message)
     )
@@ -219,7 +221,8 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             svc.settings.policy,
         )
         record, _ = await svc.fleet.get(result.node_id)
-    await svc.tasks.dequeue(task_id)
+    if task.state == "queued":
+        await svc.tasks.dequeue(task_id)
     queue_ms = (placed_at - task.created_at) * 1000
 
     node_id = record.node_id

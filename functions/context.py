@@ -89,9 +89,9 @@ async def open_services(
         settings,
         nc,
         js,
-        Fleet(await js.key_value(bus.FLEET_BUCKET)),
+        Fleet(await js.key_value(bus.FLEET_BUCKET), js),
         Tasks(await js.key_value(bus.TASKS_BUCKET)),
-        Catalog(await js.key_value(bus.MODELS_BUCKET)),
+        Catalog(await js.key_value(bus.MODELS_BUCKET), js),
     )
 
 

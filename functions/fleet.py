@@ -12,10 +12,11 @@ import logging
 from collections.abc import Callable
 
 import nats.errors
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from events.bus import snapshot
+from events.bus import FLEET_BUCKET, keys_matching
 from events.keys import node_key
 
 from . import planner
@@ -27,8 +28,8 @@ Transition = Callable[[NodeRecord], NodeRecord]
 
 
 class Fleet:
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
+        self.kv, self.js = kv, js
 
     async def get(self, node_id: str) -> tuple[NodeRecord, int]:
         entry = await self.kv.get(node_key(node_id))
@@ -37,11 +38,13 @@ class Fleet:
         return NodeRecord.model_validate_json(entry.value), entry.revision or 0
 
     async def nodes(self) -> list[tuple[NodeRecord, int]]:
-        entries = await snapshot(self.kv, "node.*")
-        out = [
-            (NodeRecord.model_validate_json(e.value), e.revision or 0) for e in entries if e.value
-        ]
-        return sorted(out, key=lambda rv: rv[0].node_id)
+        out = []
+        for key in await keys_matching(self.js, FLEET_BUCKET, "node.*"):
+            try:
+                out.append(await self.get(key.removeprefix("node.")))
+            except (KeyNotFoundError, KeyDeletedError):
+                continue
+        return out
 
     async def update(self, node_id: str, transition: Transition, attempts: int = 200) -> NodeRecord:
         """Apply `transition` by CAS, retrying on conflict. TransitionError propagates."""

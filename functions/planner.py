@@ -158,16 +158,13 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
         c.name: (((c.cost * (n + 1) + 1) * (total + 1) + c.bytes) << n) + (1 << rank[c.name])
         for c in useful
     }
+
     # Ratio order (weight per byte), compared exactly by cross-multiplication.
-    items = sorted(
-        useful,
-        key=cmp_to_key(
-            lambda x, y: (
-                weight[x.name] * y.bytes - weight[y.name] * x.bytes
-                or (x.name > y.name) - (x.name < y.name)
-            )
-        ),
-    )
+    def by_ratio(x: Candidate, y: Candidate) -> int:
+        diff = weight[x.name] * y.bytes - weight[y.name] * x.bytes
+        return diff or (x.name > y.name) - (x.name < y.name)
+
+    items = sorted(useful, key=cmp_to_key(by_ratio))
     m = len(items)
     w = [weight[c.name] for c in items]
     b = [c.bytes for c in items]

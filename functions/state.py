@@ -42,7 +42,8 @@ class Slot(BaseModel):
 
 class NodeRecord(BaseModel):
     node_id: str
-    runtime: Literal["llamacpp", "ollama"]
+    # "stub" is the benchmark-only in-process runtime of bench/overhead.py (never deployed).
+    runtime: Literal["llamacpp", "ollama", "stub"]
     url: str
     capacity_bytes: int = Field(ge=0)
     measured_free_bytes: int | None = None

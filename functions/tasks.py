@@ -1,19 +1,19 @@
-"""Task records (bucket `tasks`, key `task.<task_id>`) and the queue (`queue.<task_id>`).
+"""Task records (bucket `tasks`, key `task.<task_id>`) and the queue (key `queue`).
 
 A task is one chat request: its state, where it ran, its timings and its error. The queue
-entries exist while a request waits for memory; their count is the queue depth.
+holds the requests waiting for memory; its length is the queue depth.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
-from events.bus import snapshot
-from events.keys import queue_key, task_key
+from events.keys import task_key
 
 TaskState = Literal["queued", "placing", "loading", "running", "done", "failed"]
 TERMINAL: frozenset[str] = frozenset({"done", "failed"})
@@ -40,6 +40,13 @@ class QueueEntry(BaseModel):
     reason: str
 
 
+class QueueTable(BaseModel):
+    entries: dict[str, QueueEntry] = Field(default_factory=dict)
+
+
+QUEUE_KEY = "queue"
+
+
 class Tasks:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -54,16 +61,39 @@ class Tasks:
     async def put(self, record: TaskRecord) -> None:
         await self.kv.put(task_key(record.task_id), record.model_dump_json().encode())
 
+    async def _change_queue(self, change: Callable[[dict[str, QueueEntry]], None]) -> None:
+        """Compare-and-set on the one `queue` key; enqueue/dequeue happen only when memory
+        is short, so this key is not on the hot path of a chat that fits."""
+        for _ in range(200):
+            try:
+                entry = await self.kv.get(QUEUE_KEY)
+                rev: int | None = entry.revision
+                table = QueueTable.model_validate_json(entry.value or b"{}")
+            except (KeyNotFoundError, KeyDeletedError):
+                rev, table = None, QueueTable()
+            change(table.entries)
+            data = table.model_dump_json().encode()
+            try:
+                if rev is None:
+                    await self.kv.create(QUEUE_KEY, data)
+                else:
+                    await self.kv.update(QUEUE_KEY, data, last=rev)
+                return
+            except KeyWrongLastSequenceError:
+                continue
+        raise TimeoutError("the queue key lost 200 compare-and-set races in a row")
+
     async def enqueue(self, entry: QueueEntry) -> None:
-        await self.kv.put(queue_key(entry.task_id), entry.model_dump_json().encode())
+        await self._change_queue(lambda q: q.__setitem__(entry.task_id, entry))
 
     async def dequeue(self, task_id: str) -> None:
-        try:
-            await self.kv.delete(queue_key(task_id))
-        except (KeyNotFoundError, KeyDeletedError):
-            pass
+        await self._change_queue(lambda q: q.pop(task_id, None) and None)
 
     async def queue(self) -> list[QueueEntry]:
-        entries = await snapshot(self.kv, "queue.*")
-        out = [QueueEntry.model_validate_json(e.value) for e in entries if e.value]
-        return sorted(out, key=lambda e: e.since)
+        """Waiting requests, oldest first (one read)."""
+        try:
+            entry = await self.kv.get(QUEUE_KEY)
+        except (KeyNotFoundError, KeyDeletedError):
+            return []
+        table = QueueTable.model_validate_json(entry.value or b"{}")
+        return sorted(table.entries.values(), key=lambda e: e.since)

@@ -17,7 +17,7 @@ MIB = 1 << 20
 async def _fleets(nats_url: str, n: int) -> tuple[list[Fleet], list]:
     conns = [await bus.connect(nats_url) for _ in range(n)]
     await bus.provision(conns[0].jetstream())
-    fleets = [Fleet(await c.jetstream().key_value(bus.FLEET_BUCKET)) for c in conns]
+    fleets = [Fleet(await c.jetstream().key_value(bus.FLEET_BUCKET), c.jetstream()) for c in conns]
     return fleets, conns
 
 

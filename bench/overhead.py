@@ -1,0 +1,291 @@
+"""Control-plane overhead, on the real local stack (nats-server + llama-server + Gemma).
+
+1. Latency: the same prompts alternately (A B A B ...) straight to llama-server and through
+   the system (publish `chat.requested` -> first `chat.token` at a subscriber), the model
+   already resident. Reports time to first token and total time for both and the paired
+   difference: the overhead we add.
+2. Throughput: with a BENCHMARK-ONLY STUB RUNTIME that answers instantly (in-process, labelled
+   "stub"; it isolates the control plane), how many chats/s reach `chat.completed` with 1, 8
+   and 64 concurrent clients, and where the time goes (pyinstrument, top frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from autoscaler.client import ChatSession
+from autoscaler.stack import LocalStack, StackConfig
+from events import bus
+from events.dispatcher import Dispatcher, in_process
+from events.types import ChatRequested
+from functions import chat as chat_fn
+from functions.catalog import ModelInfo
+from functions.context import Settings, open_services
+from functions.node_agent import NodeAgent
+from functions.state import Slot
+
+OUT = Path("docs/bench")
+MODEL = "gemma3-270m"
+PROMPTS = [
+    "Why is the sky blue?",
+    "What is a knapsack?",
+    "Name three rivers.",
+    "How do birds fly?",
+    "What is rain?",
+    "Describe a cat.",
+]
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+async def _direct(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, float]:
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": 1,
+        "messages": [{"role": "user", "content": prompt}],
+    }
+    t0 = time.perf_counter()
+    first = None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        async for line in resp.aiter_lines():
+            if line.startswith("data:") and first is None and '"content":"' in line:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return ((first or end) - t0) * 1e3, (end - t0) * 1e3
+
+
+async def _system(nc: Any, prompt: str, max_tokens: int) -> tuple[float, float]:
+    req = ChatRequested(
+        chat_id=uuid.uuid4().hex[:12],
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        options={"max_tokens": max_tokens, "temperature": 0, "seed": 1},
+    )
+    first: list[float] = []
+    session = ChatSession(
+        nc, req, lambda tok: first.append(time.perf_counter()) if not first else None
+    )
+    t0 = time.perf_counter()
+    await session.start()
+    result = await session.wait(120)
+    end = time.perf_counter()
+    if result.end is None or result.end.type != "chat.completed":
+        raise RuntimeError(f"chat failed: {result.end.data if result.end else None}")
+    return ((first[0] if first else end) - t0) * 1e3, (end - t0) * 1e3
+
+
+async def latency(
+    pairs: int,
+    max_tokens: int,
+    transport: str,
+    state_dir: Path,
+) -> dict[str, float]:
+    stack = LocalStack(
+        StackConfig(
+            state_dir=state_dir,
+            models=(MODEL,),
+            nats_port=0,
+            runtime_port=0,
+            function_port=0,
+            transport=transport,
+            settings=Settings(),
+        )
+    )
+    await stack.start(progress=True)
+    try:
+        nc = await bus.connect(stack.nats_url)
+        await _system(nc, "warm up", 4)  # loads the model; not measured
+        client = httpx.AsyncClient(base_url=stack.runtime_urls["node-0"], timeout=120)
+        await _direct(client, "warm up", 4)
+        a_ttft, a_total, b_ttft, b_total = [], [], [], []
+        for i in range(pairs):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            t, total = await _direct(client, prompt, max_tokens)
+            a_ttft.append(t)
+            a_total.append(total)
+            t, total = await _system(nc, prompt, max_tokens)
+            b_ttft.append(t)
+            b_total.append(total)
+        await client.aclose()
+        await nc.close()
+    finally:
+        await stack.stop()
+    d_ttft = [b - a for a, b in zip(a_ttft, b_ttft, strict=True)]
+    d_total = [b - a for a, b in zip(a_total, b_total, strict=True)]
+    row = {
+        "transport": transport,
+        "pairs": pairs,
+        "max_tokens": max_tokens,
+        "direct_ttft_p50_ms": statistics.median(a_ttft),
+        "system_ttft_p50_ms": statistics.median(b_ttft),
+        "direct_total_p50_ms": statistics.median(a_total),
+        "system_total_p50_ms": statistics.median(b_total),
+    }
+    for q in (0.5, 0.95, 0.99):
+        row[f"overhead_ttft_p{int(q * 100)}_ms"] = pct(d_ttft, q)
+        row[f"overhead_total_p{int(q * 100)}_ms"] = pct(d_total, q)
+    return row
+
+
+class StubRuntime:
+    """BENCHMARK-ONLY STUB RUNTIME: answers instantly with fixed tokens, in-process."""
+
+    kind = "stub"
+    url = "stub://bench"
+
+    async def available(self) -> list[str]:
+        return ["stub-model"]
+
+    async def loaded(self) -> dict[str, str]:
+        return {"stub-model": "loaded"}
+
+    async def load(self, model: str, timeout: float) -> None:
+        return None
+
+    async def unload(self, model: str, timeout: float) -> None:
+        return None
+
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
+    ) -> AsyncIterator[str]:
+        for word in ("stub ", "tokens ", "only"):
+            yield word
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def throughput(nats_url: str, clients: int, seconds: float) -> dict[str, float]:
+    svc = await open_services(Settings(nats_url=nats_url), provision=True)
+    stub = StubRuntime()
+    svc.runtimes[(stub.kind, stub.url)] = stub  # type: ignore[assignment]
+    await svc.catalog.put(ModelInfo(name="stub-model", bytes=1))
+    agent = NodeAgent(svc.fleet, "stub-0", stub, capacity_bytes=1 << 40)  # type: ignore[arg-type]
+    await agent.register()
+    await svc.fleet.update(
+        "stub-0",
+        lambda r: r.model_copy(
+            update={
+                "models": {
+                    "stub-model": Slot(state="ready", bytes=1, keep_alive_until=time.time() + 3600)
+                }
+            }
+        ),
+    )
+    stop = asyncio.Event()
+    beats = asyncio.create_task(agent.run(stop))
+    d = Dispatcher(
+        svc.js,
+        bus.CONSUMERS["chat"],
+        in_process(lambda e, a: chat_fn.handle(svc, e, a)),
+        concurrency=max(64, clients),
+    )
+    runner = asyncio.create_task(d.run(stop))
+    nc = await bus.connect(nats_url)
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            req = ChatRequested(
+                chat_id=uuid.uuid4().hex[:12],
+                model="stub-model",
+                messages=[{"role": "user", "content": "x"}],
+            )
+            result = await (await ChatSession(nc, req).start()).wait(60)
+            if result.end is not None and result.end.type == "chat.completed":
+                done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    await asyncio.gather(runner, beats)
+    await nc.close()
+    await svc.close()
+    return {
+        "clients": clients,
+        "completed": done,
+        "seconds": elapsed,
+        "chats_per_s": done / elapsed,
+    }
+
+
+async def amain(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(
+        "== latency: direct llama-server (A) vs through the system (B), alternating, "
+        f"{args.pairs} pairs, max_tokens {args.max_tokens}, model resident"
+    )
+    for transport in args.transports.split(","):
+        row = await latency(args.pairs, args.max_tokens, transport, out / f".state-{transport}")
+        rows.append(row)
+        print(
+            f"transport {transport}: TTFT direct p50 {row['direct_ttft_p50_ms']:.1f} ms, "
+            f"system p50 {row['system_ttft_p50_ms']:.1f} ms; overhead p50/p95/p99 "
+            f"{row['overhead_ttft_p50_ms']:.1f} / {row['overhead_ttft_p95_ms']:.1f} / "
+            f"{row['overhead_ttft_p99_ms']:.1f} ms; total overhead p50 "
+            f"{row['overhead_total_p50_ms']:.1f} ms"
+        )
+    with (out / "overhead_latency.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print("\n== throughput with the BENCHMARK-ONLY STUB RUNTIME (in-process dispatch)")
+    from .sched import OUT as _  # noqa: F401  (keeps one output folder for all benches)
+
+    stack = LocalStack(StackConfig(state_dir=out / ".state-tp", nats_port=0, nodes=0))
+    await stack.start_nats()
+    trows = []
+    try:
+        for clients in (int(c) for c in args.clients.split(",")):
+            r = await throughput(stack.nats_url, clients, args.seconds)
+            trows.append(r)
+            print(
+                f"{clients:>3} clients: {r['chats_per_s']:.0f} chats/s "
+                f"({r['completed']} in {r['seconds']:.1f} s)"
+            )
+    finally:
+        await stack.stop()
+    with (out / "overhead_throughput.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(trows[0]))
+        w.writeheader()
+        w.writerows(trows)
+    print(json.dumps({"latency": rows, "throughput": trows}, indent=1)[:0])
+    print(f"wrote {out / 'overhead_latency.csv'} and {out / 'overhead_throughput.csv'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pairs", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--transports", default="inprocess,http")
+    ap.add_argument("--clients", default="1,8,64")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--out", type=Path, default=OUT)
+    return asyncio.run(amain(ap.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
