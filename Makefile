@@ -3,7 +3,7 @@ PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test test-fast prepare lint clean bench-planner bench-sched
+.PHONY: install run test test-fast prepare lint clean bench-planner bench-sched bench-overhead
 
 install: $(VENV)/.installed
 
@@ -39,3 +39,6 @@ bench-planner: install  ## exact planner vs the seed's brute force; CSV in docs/
 
 bench-sched: install  ## scheduling quality on real traces (simulation); CSV + plots in docs/bench/
 	$(BIN)/python -m bench.sched
+
+bench-overhead: prepare  ## control-plane overhead on the real stack + throughput with a stub runtime
+	$(BIN)/python -m bench.overhead

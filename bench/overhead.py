@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import json
 import statistics
 import time
 import uuid
@@ -252,7 +251,6 @@ async def amain(args: argparse.Namespace) -> int:
         w.writeheader()
         w.writerows(rows)
     print("\n== throughput with the BENCHMARK-ONLY STUB RUNTIME (in-process dispatch)")
-    from .sched import OUT as _  # noqa: F401  (keeps one output folder for all benches)
 
     stack = LocalStack(StackConfig(state_dir=out / ".state-tp", nats_port=0, nodes=0))
     await stack.start_nats()
@@ -271,12 +269,14 @@ async def amain(args: argparse.Namespace) -> int:
         w = csv.DictWriter(fh, fieldnames=list(trows[0]))
         w.writeheader()
         w.writerows(trows)
-    print(json.dumps({"latency": rows, "throughput": trows}, indent=1)[:0])
     print(f"wrote {out / 'overhead_latency.csv'} and {out / 'overhead_throughput.csv'}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=16)

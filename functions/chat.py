@@ -139,7 +139,8 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         return Reject(reason)
 
     task_id, now = event.id, time.time()
-    task = await svc.tasks.get(task_id)
+    # Independent reads go out together: each is a round trip to NATS on the TTFT path.
+    task, info = await asyncio.gather(svc.tasks.get(task_id), svc.catalog.get(req.model))
     if task and task.state in TERMINAL:
         return Done("duplicate delivery of a finished task")
     if task is None:
@@ -153,7 +154,6 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         )
     task.attempt = attempt
 
-    info = await svc.catalog.get(req.model)
     if info is None:
         known = ", ".join(m.name for m in await svc.catalog.all()) or "none"
         msg = f"unknown model {req.model!r}; the catalog has: {known}"
@@ -247,7 +247,8 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
 
     # 2. Stream.
     task.state, task.node, task.updated_at = "running", node_id, time.time()
-    await svc.tasks.put(task)
+    # Recorded while the runtime starts on the prompt, not before it (it is only a status).
+    running_saved = asyncio.create_task(svc.tasks.put(task.model_copy()))
     runtime = svc.runtime(record.runtime, record.url)
     renew = asyncio.create_task(_renew(svc, node_id, req.model, task_id))
     messages = [m.model_dump() for m in req.messages]
@@ -267,6 +268,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             pieces.append(text)
     except RuntimeFailure as exc:
         renew.cancel()
+        await running_saved  # so the failed state is written after it, never before
         await svc.fleet.update(
             node_id,
             lambda r: state.release_lease(
@@ -279,8 +281,10 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         return Done("runtime failure reported")
     except Exception:
         renew.cancel()
+        await asyncio.gather(running_saved, return_exceptions=True)
         raise
     renew.cancel()
+    await running_saved
     end = time.time()
     keep_alive = req.options.keep_alive_s
     await svc.fleet.update(

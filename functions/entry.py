@@ -24,13 +24,6 @@ from events.outcome import Outcome, Reject, to_http
 from . import chat, evict, load, reconcile
 from .context import Services, shared_services
 
-# One structured line per event (chat_id / task_id / node / model), on the server's stderr.
-logging.basicConfig(
-    level=os.environ.get("OA_LOG_LEVEL", "INFO"),
-    format="%(asctime)s %(levelname)s %(name)s %(message)s",
-)
-logging.getLogger("httpx").setLevel(logging.WARNING)
-
 Handler = Callable[[Services, Event, int], Awaitable[Outcome]]
 HANDLERS: dict[str, Handler] = {
     "chat": chat.handle,
@@ -60,7 +53,24 @@ def _to_event(headers: dict[str, str], body: bytes) -> Event:
     )
 
 
+_logging_ready = False
+
+
+def _configure_logging() -> None:
+    """In a function server: one structured line per event, on stderr. Done on the first
+    request, not at import, so importing HANDLERS in-process changes no one's logging."""
+    global _logging_ready
+    if not _logging_ready:
+        logging.basicConfig(
+            level=os.environ.get("OA_LOG_LEVEL", "INFO"),
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        _logging_ready = True
+
+
 async def _serve(name: str, request: Request) -> Response:
+    _configure_logging()
     body = await request.body()
     headers = dict(request.headers)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 
 import nats.errors
@@ -46,18 +47,30 @@ class Fleet:
                 continue
         return out
 
-    async def update(self, node_id: str, transition: Transition, attempts: int = 200) -> NodeRecord:
-        """Apply `transition` by CAS, retrying on conflict. TransitionError propagates."""
-        for _ in range(attempts):
+    async def update(
+        self, node_id: str, transition: Transition, budget_s: float = 30.0
+    ) -> NodeRecord:
+        """Apply `transition` by CAS, retrying on conflict. TransitionError propagates.
+
+        Lost races back off with full jitter (capped at 50 ms): many writers on one node key
+        otherwise keep colliding in lock-step.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget_s
+        lost = 0
+        while True:
             record, rev = await self.get(node_id)
             new = transition(record)
             try:
                 await self.kv.update(node_key(node_id), new.model_dump_json().encode(), last=rev)
                 return new
             except KeyWrongLastSequenceError:
-                await asyncio.sleep(0)
-                continue
-        raise TimeoutError(f"CAS on {node_key(node_id)} lost {attempts} times in a row")
+                lost += 1
+                if loop.time() > deadline:
+                    raise TimeoutError(
+                        f"CAS on {node_key(node_id)} lost {lost} races in {budget_s:.0f}s"
+                    ) from None
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(lost, 10))))
 
     async def upsert(self, record: NodeRecord, transition: Transition) -> NodeRecord:
         """Create the node record, or apply `transition` to the existing one."""
