@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import csv
 import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -237,7 +238,8 @@ async def amain(args: argparse.Namespace) -> int:
         f"{args.pairs} pairs, max_tokens {args.max_tokens}, model resident"
     )
     for transport in args.transports.split(","):
-        row = await latency(args.pairs, args.max_tokens, transport, out / f".state-{transport}")
+        with tempfile.TemporaryDirectory(prefix="oa-bench-") as state:
+            row = await latency(args.pairs, args.max_tokens, transport, Path(state))
         rows.append(row)
         print(
             f"transport {transport}: TTFT direct p50 {row['direct_ttft_p50_ms']:.1f} ms, "
@@ -252,7 +254,8 @@ async def amain(args: argparse.Namespace) -> int:
         w.writerows(rows)
     print("\n== throughput with the BENCHMARK-ONLY STUB RUNTIME (in-process dispatch)")
 
-    stack = LocalStack(StackConfig(state_dir=out / ".state-tp", nats_port=0, nodes=0))
+    state = tempfile.TemporaryDirectory(prefix="oa-bench-")
+    stack = LocalStack(StackConfig(state_dir=Path(state.name), nats_port=0, nodes=0))
     await stack.start_nats()
     trows = []
     try:
@@ -265,6 +268,7 @@ async def amain(args: argparse.Namespace) -> int:
             )
     finally:
         await stack.stop()
+        state.cleanup()
     with (out / "overhead_throughput.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(trows[0]))
         w.writeheader()
