@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-gb", type=float, default=80.0)
     ap.add_argument("--alphas", default="0.8,1.0,1.2")
     ap.add_argument("--limit", type=int, default=None, help="first N requests only")
+    ap.add_argument("--servegen", default="m-mid", help="ServeGen model trace ('' to skip)")
+    ap.add_argument("--servegen-rps", type=float, default=2.5)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
@@ -146,9 +148,24 @@ def main(argv: list[str] | None = None) -> int:
     print("SIMULATION of a GPU fleet (not a measurement): " + sim.constants())
     print(f"catalog: {len(catalog)} models that fit one GPU; seed {args.seed}")
     rows: list[dict[str, object]] = []
-    for alpha in (float(a) for a in args.alphas.split(",")):
+    for alpha in (float(a) for a in args.alphas.split(",") if a):
         reqs = workloads.azure_zipf(catalog, alpha, args.seed, args.limit)
         rows += run_workload(f"azure-zipf-{alpha}", reqs, models, args.gpus, capacity)
+    if args.servegen:
+        try:
+            reqs, factor = workloads.servegen(
+                catalog, args.seed, args.servegen, target_rps=args.servegen_rps
+            )
+        except FileNotFoundError as exc:
+            print(f"\nservegen skipped: {exc}")
+        else:
+            print(
+                f"\nservegen {args.servegen}: rates scaled by {factor:.2e} to a mean "
+                f"{args.servegen_rps} req/s"
+            )
+            rows += run_workload(
+                f"servegen-{args.servegen}", reqs[: args.limit], models, args.gpus, capacity
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "sched.csv"
     fields = [k for k in rows[0] if not k.startswith("_")]

@@ -58,3 +58,18 @@ def test_lower_bound_is_exact_on_a_tiny_instance():
     lb1, first = bound.lower_bound(reqs, int(1e9), lambda m: int(1e9), lambda m: 10.0)
     lb2, _ = bound.lower_bound(reqs, int(2e9), lambda m: int(1e9), lambda m: 10.0)
     assert first == 2 and abs(lb1 - 40.0) < 1e-6 and abs(lb2 - 20.0) < 1e-6
+
+
+def test_servegen_arrivals_follow_the_scaled_rates():
+    import pytest
+
+    from bench import sim, workloads
+
+    catalog = [m for m in load_catalog() if sim.memory_bytes(m) <= 80e9]
+    try:
+        reqs, factor = workloads.servegen(catalog, seed=3, hours=1 / 6, target_rps=2.0)
+    except FileNotFoundError:
+        pytest.skip("ServeGen traces are only in shared/traces (not vendored: 8 MB)")
+    # one 10-minute window at a mean of 2 req/s: about 1200 arrivals, all inside the window
+    assert 900 < len(reqs) < 1500 and 0 < factor < 1
+    assert all(0 <= r.t < 600 for r in reqs) and [r.t for r in reqs] == sorted(r.t for r in reqs)
