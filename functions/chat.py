@@ -79,27 +79,22 @@ async def _fail(svc: Services, task: TaskRecord, code: str, message: str) -> Non
 async def _lease_ready(svc: Services, req: ChatRequested, task_id: str) -> NodeRecord | None:
     """Take a lease on a node where the model is ready (least active first)."""
     now = time.time()
-    nodes = [r for r, _ in await svc.fleet.nodes() if planner.node_is_live(r, now)]
+    nodes = [rv for rv in await svc.fleet.nodes() if planner.node_is_live(rv[0], now)]
     ready = sorted(
-        (r for r in nodes if (s := r.models.get(req.model)) and s.state == "ready"),
-        key=lambda r: (r.models[req.model].active, r.node_id),
+        (rv for rv in nodes if (s := rv[0].models.get(req.model)) and s.state == "ready"),
+        key=lambda rv: (rv[0].models[req.model].active, rv[0].node_id),
     )
-    for record in ready:
+    loading = [rv for rv in nodes if (s := rv[0].models.get(req.model)) and s.state == "loading"]
+    # Ready copies first; else reserve our place on a copy that is already loading.
+    for record, rev in ready + loading:
         try:
             return await svc.fleet.update(
-                record.node_id, lambda r: state.take_lease(r, req.model, task_id, time.time())
+                record.node_id,
+                lambda r: state.take_lease(r, req.model, task_id, time.time()),
+                known=(record, rev),
             )
         except TransitionError:
             continue
-    for record in nodes:  # already loading somewhere: reserve our place on that slot
-        slot = record.models.get(req.model)
-        if slot and slot.state == "loading":
-            try:
-                return await svc.fleet.update(
-                    record.node_id, lambda r: state.take_lease(r, req.model, task_id, time.time())
-                )
-            except TransitionError:
-                continue
     return None
 
 

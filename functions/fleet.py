@@ -48,18 +48,24 @@ class Fleet:
         return out
 
     async def update(
-        self, node_id: str, transition: Transition, budget_s: float = 30.0
+        self,
+        node_id: str,
+        transition: Transition,
+        budget_s: float = 30.0,
+        known: tuple[NodeRecord, int] | None = None,
     ) -> NodeRecord:
         """Apply `transition` by CAS, retrying on conflict. TransitionError propagates.
 
-        Lost races back off with full jitter (capped at 50 ms): many writers on one node key
-        otherwise keep colliding in lock-step.
+        `known` (a record and its revision just read) saves the first read; if it is stale the
+        CAS fails and the loop re-reads. Lost races back off with full jitter (capped at
+        50 ms): many writers on one node key otherwise keep colliding in lock-step.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
         lost = 0
         while True:
-            record, rev = await self.get(node_id)
+            record, rev = known if known is not None else await self.get(node_id)
+            known = None
             new = transition(record)
             try:
                 await self.kv.update(node_key(node_id), new.model_dump_json().encode(), last=rev)
