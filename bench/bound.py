@@ -9,7 +9,8 @@ memory) or along an outer edge i -> j (the model is reloaded for j, cost = its l
 charged per unit of size). The minimum-cost flow is a lower bound on the load-seconds of any
 policy, plus one compulsory load per model. It assumes: requests are served in arrival order
 and instantaneously (no model is pinned by in-flight work), memory is pooled across GPUs (no
-fragmentation), and loads are free of queueing. Solved as an LP with HiGHS (scipy): the flow
+fragmentation), loads are free of queueing, and a request may be served without its model
+occupying memory (FOO's interval model: only the gaps between requests hold memory). Solved as an LP with HiGHS (scipy): the flow
 LP is exact for this network, scipy is a well-kept dependency, and it needs no integer scaling.
 """
 
