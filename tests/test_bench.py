@@ -51,13 +51,19 @@ def test_lower_bound_is_exact_on_a_tiny_instance():
     from bench import bound
     from bench.sim import Request
 
-    # Two models of size 1 alternate (a b a b a b), memory 1. The bound lets a request be
-    # served without displacing what is resident (FOO's interval model), so `a` stays and
-    # only b's two re-requests miss: 2 compulsory + 2 misses. With memory 2 nothing misses.
+    # Two models of size 1 alternate (a b a b a b), 10 s per load.
     reqs = [Request(i, float(i), "ab"[i % 2], 1, 1) for i in range(6)]
-    lb1, first = bound.lower_bound(reqs, int(1e9), lambda m: int(1e9), lambda m: 10.0)
-    lb2, _ = bound.lower_bound(reqs, int(2e9), lambda m: int(1e9), lambda m: 10.0)
-    assert first == 2 and abs(lb1 - 40.0) < 1e-6 and abs(lb2 - 20.0) < 1e-6
+    size, load = (lambda m: int(1e9)), (lambda m: 10.0)
+    # Memory 1, each request's model resident at its request (the default): every request
+    # after the first two reloads: 2 compulsory + 4 = 60 s.
+    lb, first = bound.lower_bound(reqs, int(1e9), size, load)
+    assert first == 2 and abs(lb - 60.0) < 1e-6
+    # Plain FOO-L lets a request bypass memory, so `a` stays and only b's re-requests miss.
+    lb_bypass, _ = bound.lower_bound(reqs, int(1e9), size, load, resident_at_request=False)
+    assert abs(lb_bypass - 40.0) < 1e-6
+    # Memory 2: both stay resident; only the compulsory loads remain.
+    lb2, _ = bound.lower_bound(reqs, int(2e9), size, load)
+    assert abs(lb2 - 20.0) < 1e-6
 
 
 def test_servegen_arrivals_follow_the_scaled_rates():
