@@ -198,19 +198,30 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
         nbytes = max(need, smallest[kmin])
         return ((((cheapest[kmin] * (n + 1)) + kmin) * (total + 1) + nbytes) << n) + lowest[kmin]
 
+    pre_b = list(accumulate(b, initial=0))
+    pre_w = list(accumulate(w, initial=0))
+
     def bound(k: int, need: int) -> int:
-        lp = 0
-        for i in range(k, m):
-            if b[i] >= need:
-                lp += w[i] * need // b[i]
-                break
-            lp += w[i]
-            need -= b[i]
-        return lp
+        """The LP bound over items[k:]: whole items in ratio order, then a fraction of the
+        one that completes the cover (found by bisection on prefix sums)."""
+        p = bisect_left(pre_b, pre_b[k] + need) - 1  # items[k:p] are taken whole
+        if p >= m:
+            return pre_w[m] - pre_w[k]
+        left = need - (pre_b[p] - pre_b[k])
+        return pre_w[p] - pre_w[k] + w[p] * left // b[p]
 
     best_w = -1
     best: list[int] = []
     chosen: list[int] = []
+    # Dominance: of two models of the same size, a cover never needs the dearer one without
+    # the cheaper one (swapping them lowers the weight). Same size means ratio order is weight
+    # order, so each item points at its cheaper same-size predecessor, which must be taken.
+    same_size_before: list[int] = []
+    last_of_size: dict[int, int] = {}
+    for i, size in enumerate(b):
+        same_size_before.append(last_of_size.get(size, -1))
+        last_of_size[size] = i
+    taken = [False] * m
 
     def dfs(k: int, need: int, acc: int) -> None:
         nonlocal best_w, best
@@ -223,11 +234,28 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
         if best_w >= 0:
             if acc + bound(k, need) >= best_w or acc + count_bound(k, need) >= best_w:
                 return
-        chosen.append(k)
-        dfs(k + 1, need - b[k], acc + w[k])
-        chosen.pop()
+        if same_size_before[k] < 0 or taken[same_size_before[k]]:
+            chosen.append(k)
+            taken[k] = True
+            dfs(k + 1, need - b[k], acc + w[k])
+            taken[k] = False
+            chosen.pop()
         dfs(k + 1, need, acc)
 
+    # A good incumbent first: greedy in ratio order, then drop what the cover does not need
+    # (dearest first). Any cover is a valid start; a tight one prunes most of the tree.
+    greedy: list[int] = []
+    need = shortfall
+    for i in range(m):
+        if need <= 0:
+            break
+        greedy.append(i)
+        need -= b[i]
+    for i in sorted(greedy, key=lambda i: -w[i]):
+        if need + b[i] <= 0:
+            greedy.remove(i)
+            need += b[i]
+    best_w, best = sum(w[i] for i in greedy), greedy
     dfs(0, shortfall, 0)
     return tuple(sorted((items[i] for i in best), key=lambda c: c.name))
 
