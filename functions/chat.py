@@ -282,17 +282,6 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     await running_saved
     end = time.time()
     keep_alive = req.options.keep_alive_s
-    await svc.fleet.update(
-        node_id,
-        lambda r: state.release_lease(
-            r,
-            req.model,
-            task_id,
-            end,
-            svc.settings.keep_alive_s if keep_alive is None else keep_alive,
-        ),
-    )
-
     first_at = first_at or end
     gen_s = max(1e-6, end - first_at)
     stats = ChatStats(
@@ -314,9 +303,24 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         "total_ms": stats.total_ms,
         "stream_ms": round((end - t_stream) * 1000, 1),
     }
-    await svc.tasks.put(task)
     done = ChatCompleted(chat_id=req.chat_id, task_id=task_id, text="".join(pieces), stats=stats)
-    await bus.publish(svc.js, Event("chat.completed", done.model_dump()), msg_id=f"{task_id}.end")
+    # Three independent writes, together. If this worker dies between them, the message is
+    # not acked: the redelivery finds no `done` task, re-runs, and its chat.completed carries
+    # the same Nats-Msg-Id, so the client still sees one end; a lease left behind expires.
+    await asyncio.gather(
+        svc.fleet.update(
+            node_id,
+            lambda r: state.release_lease(
+                r,
+                req.model,
+                task_id,
+                end,
+                svc.settings.keep_alive_s if keep_alive is None else keep_alive,
+            ),
+        ),
+        svc.tasks.put(task),
+        bus.publish(svc.js, Event("chat.completed", done.model_dump()), msg_id=f"{task_id}.end"),
+    )
     log.info(
         "chat.completed task_id=%s chat_id=%s model=%s node=%s tokens=%d ttft_ms=%.0f",
         task_id,

@@ -100,8 +100,13 @@ async def test_chat_streams_real_text_with_contiguous_seq_and_one_completed(make
     assert result.text() == result.end.data["text"]
     assert stats["node"] == "node-0" and stats["ttft_ms"] > 0 and stats["load_ms"] > 0
     tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET))
-    await wait_until(lambda: tasks.get(result.task_id), what="task record")
-    assert (await tasks.get(result.task_id)).state == "done"
+
+    async def task_state() -> str | None:
+        rec = await tasks.get(result.task_id)
+        return rec.state if rec and rec.state in ("done", "failed") else None
+
+    # The task record is written beside chat.completed, not before it: wait for it.
+    assert await wait_until(task_state, what="the task's final state") == "done"
     assert len(_one_end(ends, result.task_id)) == 1
     await nc.close()
 
@@ -258,9 +263,13 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack)
         assert final == list(range(result.end.data["stats"]["tokens"]))
         await asyncio.sleep(0)
         assert len(_one_end(ends, result.task_id)) == 1
+
         # The dead worker's lease was taken over by the same task id, then released.
-        rec, _ = await stack.svc.fleet.get("node-0")
-        assert rec.models[A].active == 0
+        async def released() -> bool:
+            rec, _ = await stack.svc.fleet.get("node-0")
+            return rec.models[A].active == 0
+
+        await wait_until(released, timeout=30, what="the lease to be released")
     finally:
         for p in (first, second):
             if p and p.poll() is None:
