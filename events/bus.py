@@ -27,7 +27,6 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BadRequestError, BucketNotFoundError
-from nats.js.kv import KeyValue
 
 from .codec import Event, to_binary
 from .types import DEAD_LETTER_PREFIX, subject_for
@@ -151,10 +150,6 @@ async def provision(js: JetStreamContext, consumer_ack_wait_s: float | None = No
             await js.create_key_value(
                 KeyValueConfig(bucket=bucket, history=history, ttl=ttl, storage=StorageType.FILE)
             )
-
-
-async def kv(js: JetStreamContext, bucket: str) -> KeyValue:
-    return await js.key_value(bucket)
 
 
 async def publish(

@@ -7,7 +7,7 @@ Every type name maps to one pydantic model for its `data` and to one NATS subjec
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -198,11 +198,3 @@ def subject_for(event_type: str, chat_id: str | None = None) -> str:
             raise ValueError("chat.token events need a chat_id for their subject")
         return f"{SUBJECT_PREFIX}.chat.token.{chat_id}"
     return f"{SUBJECT_PREFIX}.{event_type}"
-
-
-def parse_data(event_type: str, data: Any) -> BaseModel:
-    """Validate `data` against the model of `event_type`; raises ValueError with the cause."""
-    model = EVENT_DATA.get(event_type)
-    if model is None:
-        raise ValueError(f"unknown event type {event_type!r}")
-    return model.model_validate(data)

@@ -8,7 +8,6 @@ node's residency is a function old record -> new record, committed by one compar
 from __future__ import annotations
 
 import math
-import time
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -183,7 +182,3 @@ def expire_leases(node: NodeRecord, now: float) -> NodeRecord:
             if until < now:
                 del slot.leases[task_id]
     return new
-
-
-def now_s() -> float:
-    return time.time()

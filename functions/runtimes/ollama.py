@@ -46,12 +46,6 @@ class OllamaRuntime:
         resp.raise_for_status()
         return {m["name"]: "loaded" for m in resp.json().get("models", [])}
 
-    async def sizes(self) -> dict[str, int]:
-        """Memory per loaded model as Ollama reports it (`size` in /api/ps)."""
-        resp = await self.client.get("/api/ps")
-        resp.raise_for_status()
-        return {m["name"]: int(m.get("size", 0)) for m in resp.json().get("models", [])}
-
     async def load(self, model: str, timeout: float) -> None:
         # An empty generate returns only once the model is loaded (done_reason "load").
         resp = await self.client.post(
