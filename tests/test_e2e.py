@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -135,7 +136,7 @@ async def test_request_waits_queued_while_the_only_model_is_active(make_stack):
             chat_id="long",
             model=A,
             messages=[{"role": "user", "content": "Tell a long story."}],
-            options={"max_tokens": 400, "stop": [NEVER]},
+            options={"max_tokens": 200, "stop": [NEVER]},
         ),
     ).start()
     await wait_until(lambda: long.result.tokens, timeout=120, what="first token of A")
@@ -153,8 +154,8 @@ async def test_request_waits_queued_while_the_only_model_is_active(make_stack):
     assert not long.done, "A finished before B was seen queued; the test proves nothing"
     queue = await tasks.queue()
     assert [q.task_id for q in queue] == [waiting.result.task_id]
-    a = await long.wait(timeout=180)
-    b = await waiting.wait(timeout=180)
+    a = await long.wait(timeout=400)
+    b = await waiting.wait(timeout=400)
     assert a.end.type == "chat.completed" and b.end.type == "chat.completed", b.end.data
     assert b.end.data["stats"]["queue_ms"] > 0 and rec is not None
     assert await tasks.queue() == []
@@ -209,11 +210,15 @@ async def test_bad_events_go_to_dead_letter_and_the_next_good_one_is_served(make
     await nc.close()
 
 
-async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack):
+async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack, tmp_path):
     stack, nc = await make_stack(functions=("load", "evict", "reconcile"), ack_wait_s=3.0)
     ends = await Collector().attach(nc, "ollama.chat.completed", "ollama.chat.failed")
 
+    logs: list[Path] = []
+
     def worker() -> subprocess.Popen[bytes]:
+        logs.append(tmp_path / f"worker-{len(logs)}.log")
+        out = logs[-1].open("wb")
         return subprocess.Popen(
             [
                 sys.executable,
@@ -229,8 +234,8 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack)
             ],
             cwd=ROOT,
             start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             env={**os.environ},
         )
 
@@ -243,7 +248,7 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack)
                 chat_id=uuid.uuid4().hex[:12],
                 model=A,
                 messages=[{"role": "user", "content": "Tell a long story."}],
-                options={"max_tokens": 300, "temperature": 0, "stop": [NEVER]},
+                options={"max_tokens": 120, "temperature": 0, "stop": [NEVER]},
             ),
         ).start()
         await wait_until(
@@ -255,7 +260,11 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack)
         first.wait()
         assert not session.done
         second = worker()
-        result = await session.wait(timeout=180)
+        try:
+            result = await session.wait(timeout=400)
+        except TimeoutError:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs)
+            raise AssertionError(f"no end event after the kill; worker logs:\n{tails}") from None
         assert result.end.type == "chat.completed", result.end.data
         attempt = result.end.data["stats"]["attempt"]
         assert attempt >= 2
