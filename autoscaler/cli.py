@@ -18,6 +18,7 @@ from typing import Any
 from events import bus
 from events.codec import Event
 from events.types import ChatCompleted, ChatFailed, ChatRequested, ChatToken, ModelEvict, ModelLoad
+from functions import planner
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -232,6 +233,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
             f"  free {_fmt_bytes(rec.free_bytes())}  measured free "
             f"{_fmt_bytes(rec.measured_free_bytes)}  heartbeat {age:.1f}s ago  rev {rev}"
         )
+        if not planner.node_is_live(rec, now):
+            print(
+                f"    STALE: no heartbeat for {age:.0f}s; the planner ignores this node "
+                "(reconcile forgets it after 10 min)"
+            )
         if not rec.models:
             print("    (no models loaded)")
         for name, slot in sorted(rec.models.items()):

@@ -78,6 +78,14 @@ class Fleet:
                     ) from None
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(lost, 10))))
 
+    async def forget(self, node_id: str, revision: int) -> bool:
+        """Delete the node's record if it is still at `revision`; False if it changed."""
+        try:
+            await self.kv.delete(node_key(node_id), last=revision)
+            return True
+        except KeyWrongLastSequenceError:
+            return False
+
     async def upsert(self, record: NodeRecord, transition: Transition) -> NodeRecord:
         """Create the node record, or apply `transition` to the existing one."""
         try:

@@ -22,6 +22,7 @@ from .state import NodeRecord, Slot, TransitionError
 
 log = logging.getLogger("functions.reconcile")
 EVICT_RESEND_S = 60.0
+NODE_FORGET_S = 600.0
 
 
 def _adopt(model: str, nbytes: int, now: float, keep_alive_s: float):  # type: ignore[no-untyped-def]
@@ -105,7 +106,17 @@ async def reconcile_node(svc: Services, record: NodeRecord, now: float) -> list[
 async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     now = time.time()
     done: list[str] = []
-    for record, _ in await svc.fleet.nodes():
+    for record, rev in await svc.fleet.nodes():
+        if now - record.heartbeat_at > NODE_FORGET_S:
+            # Gone for good (scaled down, or a previous local run): its residency can never
+            # be used again. Deleting at the revision we read keeps a node that came back.
+            if await svc.fleet.forget(record.node_id, rev):
+                done.append(
+                    f"{record.node_id}: forgotten (no heartbeat for "
+                    f"{now - record.heartbeat_at:.0f}s)"
+                )
+                log.info("reconcile node=%s forgotten", record.node_id)
+            continue
         if not planner.node_is_live(record, now):
             continue
         for action in await reconcile_node(svc, record, now):

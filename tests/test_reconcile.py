@@ -158,3 +158,24 @@ async def test_node_agent_registration_forgets_residency_the_runtime_does_not_ha
     assert set(rec.models) == {M}  # the phantom `loading` slot of a previous run is gone
     assert rec.available == ["gemma3:270m", "llama3.2:1b"] and rec.heartbeat_at > 0
     await svc.close()
+
+
+async def test_a_node_gone_for_ten_minutes_is_forgotten_and_a_live_one_is_kept(
+    nats_url, fake_ollama
+):
+    _, url = fake_ollama
+    svc = await _svc(nats_url, "r5", url, **{M: Slot(state="ready", bytes=1)})
+    gone = NodeRecord(
+        node_id="gone-1",
+        runtime="ollama",
+        url=url,
+        capacity_bytes=1,
+        heartbeat_at=time.time() - 3600,
+        models={M: Slot(state="ready", bytes=1)},
+    )
+    await svc.fleet.kv.put("node.gone-1", gone.model_dump_json().encode())
+    outcome = await reconcile.handle(svc, Event("fleet.tick", {}), 1)
+    assert "gone-1: forgotten" in outcome.note
+    assert {r.node_id for r, _ in await svc.fleet.nodes()} >= {"r5"}
+    assert "gone-1" not in {r.node_id for r, _ in await svc.fleet.nodes()}
+    await svc.close()
