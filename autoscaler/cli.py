@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -170,9 +169,7 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     said_queued = False
     deadline = time.monotonic() + args.timeout
     while not session.done and time.monotonic() < deadline:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(session._end), 1.0)
-        if not session.done and not said_queued and not session.result.tokens:
+        if not await session.ended_within(1.0) and not said_queued and not session.result.tokens:
             rec = await tasks.get(task_id)
             if rec and rec.state == "queued":
                 print(f"[queued: {rec.reason}]", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,12 @@ class ChatSession:
 
     @property
     def done(self) -> bool:
+        return self._end.done()
+
+    async def ended_within(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the end event without consuming it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._end), timeout)
         return self._end.done()
 
     async def wait(self, timeout: float) -> ChatResult:

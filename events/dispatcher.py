@@ -150,7 +150,6 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self.js.pull_subscribe_bind(durable=self.spec.name, stream=EVENTS_STREAM)
-        sem = asyncio.Semaphore(self.concurrency)
         try:
             while not stop.is_set():
                 free = self.concurrency - len(self._tasks)
@@ -164,18 +163,18 @@ class Dispatcher:
                 except nats.errors.ConnectionClosedError:
                     return
                 for msg in msgs:
-                    task = asyncio.create_task(self._guarded(msg, sem))
+                    task = asyncio.create_task(self._guarded(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
             await sub.unsubscribe()
 
-    async def _guarded(self, msg: Msg, sem: asyncio.Semaphore) -> None:
-        async with sem:
-            try:
-                await self.handle(msg)
-            except Exception:
-                log.exception("dispatcher failed on %s; leaving it for redelivery", msg.subject)
+    async def _guarded(self, msg: Msg) -> None:
+        # Concurrency is bounded by fetching only as many messages as there are free slots.
+        try:
+            await self.handle(msg)
+        except Exception:
+            log.exception("dispatcher failed on %s; leaving it for redelivery", msg.subject)
 
     async def drain(self, timeout: float = 10.0) -> None:
         if self._tasks:
