@@ -10,9 +10,13 @@ the second bound is valid for the order that policy chose).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from functions import planner
 
 from . import bound, sim, workloads
 from .catalog import CatalogModel, load_catalog
@@ -74,10 +78,80 @@ def run_workload(
     for base in ("ollama", "fewest", "lru"):
         theirs = float(by[base]["load_s"])  # type: ignore[arg-type]
         print(
-            f"cost vs {base}: {100 * (1 - ours / theirs):+.1f} % load-seconds "
-            f"({'fewer' if ours < theirs else 'more'})"
+            f"cost vs {base}: {abs(100 * (1 - ours / theirs)):.1f} % "
+            f"{'fewer' if ours < theirs else 'more'} load-seconds"
         )
     return rows
+
+
+# How `cost` got where it is: each step changes one constant of functions/planner.py.
+STEPS: tuple[tuple[str, float, float], ...] = (
+    ("v1: reload cost x p(reuse in 300 s), no admission", 300.0, 0.0),
+    ("reuse horizon 60 s", 60.0, 0.0),
+    ("+ admission, ratio 3", 60.0, 3.0),
+    ("+ admission, ratio 8 (default)", 60.0, 8.0),
+    ("+ admission, ratio 12", 60.0, 12.0),
+    ("ratio 8, horizon 300 s", 300.0, 8.0),
+)
+
+
+@contextlib.contextmanager
+def planner_constants(horizon_s: float, admit_ratio: float) -> Iterator[None]:
+    saved = planner.REUSE_HORIZON_S, planner.ADMIT_RATIO
+    planner.REUSE_HORIZON_S, planner.ADMIT_RATIO = horizon_s, admit_ratio
+    try:
+        yield
+    finally:
+        planner.REUSE_HORIZON_S, planner.ADMIT_RATIO = saved
+
+
+def policy_steps(
+    name: str,
+    requests: list[sim.Request],
+    models: dict[str, CatalogModel],
+    gpus: int,
+    capacity: int,
+) -> list[dict[str, object]]:
+    """Each step of the `cost` policy against `fewest` on one workload."""
+    base = sim.simulate("fewest", requests, models, gpus, capacity).summary()
+    print(f"\n== policy steps on {name}: `cost` variants against `fewest` (simulation)")
+    print(
+        f"{'step':<52} {'horizon':>7} {'ratio':>5} {'load-s':>8} {'vs fewest':>9} "
+        f"{'p50':>6} {'p95':>6} {'p99':>6} {'<=2s':>6} {'<=10s':>6}"
+    )
+    rows: list[dict[str, object]] = []
+    for label, horizon, ratio in (("fewest (the seed's rule)", 0.0, 0.0), *STEPS):
+        if label.startswith("fewest"):
+            summary = base
+        else:
+            with planner_constants(horizon, ratio):
+                summary = sim.simulate("cost", requests, models, gpus, capacity).summary()
+        change = summary["load_s"] / base["load_s"] - 1
+        rows.append(
+            {
+                "workload": name,
+                "step": label,
+                "horizon_s": horizon,
+                "admit_ratio": ratio,
+                **summary,
+                "load_s_vs_fewest": change,
+            }
+        )
+        print(
+            f"{label:<52} {horizon:>7.0f} {ratio:>5.0f} {summary['load_s']:>8,.0f} "
+            f"{change:>+9.1%} {summary['wait_p50_s']:>6.1f} {summary['wait_p95_s']:>6.1f} "
+            f"{summary['wait_p99_s']:>6.1f} {summary['slo_2s']:>6.1%} {summary['slo_10s']:>6.1%}"
+        )
+    return rows
+
+
+def write_csv(rows: list[dict[str, object]], path: Path) -> None:
+    fields = [k for k in rows[0] if not k.startswith("_")]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
 
 
 def plot(rows: list[dict[str, object]], out: Path) -> list[Path]:
@@ -141,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servegen-rps", type=float, default=2.5)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument(
+        "--steps",
+        default="1.0",
+        help="Zipf alpha of the azure-zipf workload for the policy-steps table ('' to skip)",
+    )
     args = ap.parse_args(argv)
     capacity = int(args.gpu_gb * 1e9)
     catalog = [m for m in load_catalog() if sim.memory_bytes(m) <= capacity]
@@ -166,14 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_workload(
                 f"servegen-{args.servegen}", reqs[: args.limit], models, args.gpus, capacity
             )
+    steps: list[dict[str, object]] = []
+    if args.steps:
+        alpha = float(args.steps)
+        reqs = workloads.azure_zipf(catalog, alpha, args.seed, args.limit)
+        steps = policy_steps(f"azure-zipf-{alpha}", reqs, models, args.gpus, capacity)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "sched.csv"
-    fields = [k for k in rows[0] if not k.startswith("_")]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwrote {path}")
+    print()
+    write_csv(rows, args.out / "sched.csv")
+    if steps:
+        write_csv(steps, args.out / "sched_steps.csv")
     if not args.no_plots:
         for p in plot(rows, args.out):
             print(f"wrote {p}")

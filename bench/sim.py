@@ -217,6 +217,9 @@ class Fleet:
     def on_expire(self, node_id: str, model: str, due: float) -> None:
         pass
 
+    def on_retry(self, model: str) -> None:
+        pass
+
     def run(self, requests: list[Request]) -> Result:
         for req in requests:
             if self.mem[req.model] > max(n.capacity_bytes for n in self.nodes.values()):
@@ -229,6 +232,7 @@ class Fleet:
             "done": self.on_done,
             "unloaded": self.on_unloaded_then_retry,
             "expire": self.on_expire,
+            "retry": self.on_retry,
         }
         while self.events:
             t, _, kind, args = heapq.heappop(self.events)
@@ -244,22 +248,51 @@ class Fleet:
 
 
 class PlannerFleet(Fleet):
-    """Our scheduler: the product's planner, evicting only on demand (no keep-alive expiry)."""
+    """Our scheduler: the product's planner, evicting only on demand (no keep-alive expiry).
+
+    Waiting requests are retried model by model, oldest first, each model with the summed
+    wait and count of its queued requests (what the chat function reads from the queue key),
+    so `cost`'s admission sees the same inputs here as in the product."""
 
     def __init__(self, *args: object, policy: planner.Policy) -> None:
         super().__init__(*args, policy=policy)  # type: ignore[misc]
         self.policy = policy
+        self.retry_at: dict[str, float] = {}
 
     def arrive(self, req: Request) -> None:
         found = self.where(req.model)
         if found:
             self.lease(found[0], req)
             return
+        self.waiting.append(req)
+        self.try_place(req.model, [r for r in self.waiting if r.model == req.model])
+
+    def retry_waiting(self) -> None:
+        groups: dict[str, list[Request]] = {}
+        for r in self.waiting:
+            groups.setdefault(r.model, []).append(r)
+        for model, reqs in groups.items():
+            found = self.where(model)
+            if found:
+                self.waiting = [r for r in self.waiting if r.model != model]
+                for r in reqs:
+                    self.lease(found[0], r)
+            else:
+                self.try_place(model, reqs)
+
+    def try_place(self, model: str, reqs: list[Request]) -> None:
+        """Plan a load of `model` for its waiting requests `reqs` (oldest first)."""
         for node in self.nodes.values():
             node.heartbeat_at = self.now  # simulated nodes are always alive
-        reserved = frozenset(r.model for r in self.waiting)
+        reserved = frozenset(r.model for r in self.waiting if r.model != model)
         result = planner.plan(
-            planner.PlanRequest(req.model, self.mem[req.model], reserved),
+            planner.PlanRequest(
+                model,
+                self.mem[model],
+                reserved,
+                waited_s=sum(self.now - r.t for r in reqs),
+                waiting=len(reqs),
+            ),
             list(self.nodes.values()),
             self.now,
             self.policy,
@@ -267,21 +300,35 @@ class PlannerFleet(Fleet):
         if isinstance(result, planner.Placement):
             node = state.reserve(
                 self.nodes[result.node_id],
-                req.model,
+                model,
                 result.bytes,
                 list(result.evict),
-                f"r{req.id}",
+                f"r{reqs[0].id}",
                 self.now,
             )
             self.set(result.node_id, node)
             for victim in result.evict:
                 self.at(self.now + UNLOAD_S, "unloaded", result.node_id, victim)
-            self.attached.setdefault((result.node_id, req.model), []).append(req)
-            self.begin_load(result.node_id, req.model, UNLOAD_S if result.evict else 0.0)
+            self.begin_load(result.node_id, model, UNLOAD_S if result.evict else 0.0)
+            self.waiting = [r for r in self.waiting if r.model != model]
+            first, *rest = reqs
+            self.attached.setdefault((result.node_id, model), []).append(first)
+            for r in rest:
+                self.lease(result.node_id, r)
         elif isinstance(result, planner.Queue):
-            self.waiting.append(req)
+            if result.retry_s is not None:
+                due = self.now + result.retry_s
+                if not self.now < self.retry_at.get(model, -1.0) <= due:
+                    self.retry_at[model] = due
+                    self.at(due, "retry", model)
         else:
-            self.result.unserved += 1
+            self.waiting = [r for r in self.waiting if r.model != model]
+            self.result.unserved += len(reqs)
+
+    def on_retry(self, model: str) -> None:
+        reqs = [r for r in self.waiting if r.model == model]
+        if reqs and not self.where(model):
+            self.try_place(model, reqs)
 
 
 class OllamaFleet(Fleet):

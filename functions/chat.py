@@ -168,9 +168,17 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     record = await _lease_ready(svc, req, task_id)
     placed_at = time.time()
     if record is None:
-        reserved = frozenset(e.model for e in await svc.tasks.queue() if e.task_id != task_id)
+        queue = [e for e in await svc.tasks.queue() if e.task_id != task_id]
+        peers = [e for e in queue if e.model == req.model]
+        now = time.time()
         result = await svc.fleet.place(
-            planner.PlanRequest(req.model, info.bytes, reserved),
+            planner.PlanRequest(
+                req.model,
+                info.bytes,
+                frozenset(e.model for e in queue if e.model != req.model),
+                waited_s=now - task.created_at + sum(now - e.since for e in peers),
+                waiting=1 + len(peers),
+            ),
             time.time(),
             svc.settings.policy,
             task_id,
@@ -189,8 +197,9 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
                     )
                 )
                 log.info("queued task_id=%s model=%s reason=%s", task_id, req.model, result.reason)
+            delay = min(2.0, svc.settings.queue_retry_s * (1 + attempt / 10))
             return Retry(
-                min(2.0, svc.settings.queue_retry_s * (1 + attempt / 10)),
+                min(delay, result.retry_s) if result.retry_s is not None else delay,
                 result.reason,
                 failure=False,
             )
