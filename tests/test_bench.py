@@ -79,3 +79,23 @@ def test_servegen_arrivals_follow_the_scaled_rates():
     # one 10-minute window at a mean of 2 req/s: about 1200 arrivals, all inside the window
     assert 900 < len(reqs) < 1500 and 0 < factor < 1
     assert all(0 <= r.t < 600 for r in reqs) and [r.t for r in reqs] == sorted(r.t for r in reqs)
+
+
+def test_admission_lets_requests_for_a_cold_model_share_one_load():
+    """One GPU fits one of two 8 GB models. `hot` is asked every 2 s; `cold` six times in
+    12 s. Loading `cold` at once on every request thrashes; `cost` defers the evicting load
+    until the cold requests have waited long enough, then serves them from one load."""
+    from bench import sim
+    from bench.catalog import CatalogModel
+
+    models = {name: CatalogModel(name, 8.0, "q4_K_M", 5 * 10**9, 4096) for name in ("hot", "cold")}
+    capacity = int(sim.memory_bytes(models["hot"]) * 1.5)
+    reqs = [sim.Request(i, 2.0 * i, "hot", 100, 10) for i in range(60)]
+    reqs += [sim.Request(100 + i, 31.0 + 2 * i, "cold", 100, 10) for i in range(6)]
+    reqs.sort(key=lambda r: r.t)
+    results = {p: sim.simulate(p, reqs, models, 1, capacity) for p in ("fewest", "cost")}
+    for r in results.values():
+        assert len(r.waits) == len(reqs) and r.unserved == 0  # nothing dropped
+    assert results["cost"].loads < results["fewest"].loads
+    cold_loads = results["cost"].loads - 1  # hot was loaded once at the start ...
+    assert cold_loads <= 2  # ... cold once, and hot back once

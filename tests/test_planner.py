@@ -206,3 +206,38 @@ def test_many_equal_sizes_pick_one_answer_the_tie_rule_names():
     cands = [Candidate(f"alias-{i:02d}", 400, 0) for i in range(24)]
     chosen = planner.min_cost_cover(cands, 400 * 12 - 1)
     assert [c.name for c in chosen] == [f"alias-{i:02d}" for i in range(12)]
+
+
+def _warm_node() -> NodeRecord:
+    # One idle model, used every 2 s, that takes 5 s to reload; room for one model.
+    return _node(
+        "n0", 1.0, warm=Slot(state="ready", bytes=GIB, rate=0.5, rate_at=NOW, load_ms=5000)
+    )
+
+
+def test_admission_defers_a_load_that_evicts_until_the_queue_has_waited_enough():
+    first = planner.plan(PlanRequest("cold", GIB, waited_s=0.0), [_warm_node()], NOW, "cost")
+    assert isinstance(first, Queue) and first.retry_s is not None
+    assert "deferred" in first.reason and "warm" in first.reason
+    # The rule: evict once the summed wait reaches ADMIT_RATIO x the victims' reload cost.
+    placement = planner.plan(PlanRequest("cold", GIB), [_warm_node()], NOW, "cost")
+    assert isinstance(placement, Placement) and placement.evict == ("warm",)
+    need_s = planner.ADMIT_RATIO * placement.cost / 1e6
+    assert abs(first.retry_s - need_s) < 1e-9
+    # Three requests waiting share the rent: the deferral left is a third.
+    three = planner.plan(
+        PlanRequest("cold", GIB, waited_s=need_s / 2, waiting=3), [_warm_node()], NOW, "cost"
+    )
+    assert isinstance(three, Queue) and abs(three.retry_s - need_s / 6) < 1e-9
+    enough = planner.plan(PlanRequest("cold", GIB, waited_s=need_s), [_warm_node()], NOW, "cost")
+    assert enough == placement
+
+
+def test_admission_never_defers_without_eviction_or_under_other_policies():
+    empty = _node("n0", 2.0)
+    assert isinstance(
+        planner.plan(PlanRequest("x", GIB, waited_s=0.0), [empty], NOW, "cost"), Placement
+    )
+    for policy in ("fewest", "lru"):
+        result = planner.plan(PlanRequest("x", GIB, waited_s=0.0), [_warm_node()], NOW, policy)
+        assert isinstance(result, Placement) and result.evict == ("warm",)
