@@ -229,6 +229,42 @@ async def throughput(nats_url: str, clients: int, seconds: float) -> dict[str, f
     }
 
 
+def top_costs(session: Any, n: int = 10) -> list[tuple[str, float]]:
+    """Self time per function over a pyinstrument session (a sampling profile)."""
+    totals: dict[str, float] = {}
+    stack = [session.root_frame()]
+    while stack:
+        frame = stack.pop()
+        if frame is None:
+            continue
+        stack.extend(frame.children)
+        if frame.self_time > 0 and frame.function:
+            name = f"{frame.function} ({frame.file_path_short}:{frame.line_no})"
+            totals[name] = totals.get(name, 0.0) + frame.self_time
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+
+
+async def profiled_throughput(nats_url: str, clients: int, seconds: float, out: Path) -> None:
+    """The throughput run again under pyinstrument: where the control plane's CPU goes."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    r = await throughput(nats_url, clients, seconds)
+    session = profiler.stop()
+    (out / "overhead_profile.txt").write_text(
+        profiler.output_text(unicode=False, color=False, show_all=False)
+    )
+    total = session.duration or 1.0
+    print(
+        f"\n== profile (pyinstrument, {clients} clients, {r['chats_per_s']:.0f} chats/s while "
+        f"sampled): top self time, all in this one process (clients + functions)"
+    )
+    for name, t in top_costs(session):
+        print(f"{100 * t / total:5.1f} %  {name}")
+    print(f"full call tree: {out / 'overhead_profile.txt'}")
+
+
 async def amain(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +302,8 @@ async def amain(args: argparse.Namespace) -> int:
                 f"{clients:>3} clients: {r['chats_per_s']:.0f} chats/s "
                 f"({r['completed']} in {r['seconds']:.1f} s)"
             )
+        if args.profile:
+            await profiled_throughput(stack.nats_url, args.profile, args.seconds, out)
     finally:
         await stack.stop()
         state.cleanup()
@@ -287,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transports", default="inprocess,http")
     ap.add_argument("--clients", default="1,8,64")
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument(
+        "--profile", type=int, default=8, help="clients for the profiled run (0: no profile)"
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     return asyncio.run(amain(ap.parse_args(argv)))
 

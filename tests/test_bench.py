@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import random
 
+import pytest
+
 from bench import planner as bench_planner
 from bench.catalog import load_catalog
 from functions.planner import Candidate, min_cost_cover
@@ -99,3 +101,27 @@ def test_admission_lets_requests_for_a_cold_model_share_one_load():
     assert results["cost"].loads < results["fewest"].loads
     cold_loads = results["cost"].loads - 1  # hot was loaded once at the start ...
     assert cold_loads <= 2  # ... cold once, and hot back once
+
+
+async def test_overhead_throughput_and_profile_code_path(nats_url, tmp_path):
+    """bench-overhead's throughput half on a real nats-server, with the labelled stub runtime,
+    and its pyinstrument profile (the latency half needs llama-server: see the e2e one)."""
+    from bench import overhead
+
+    r = await overhead.throughput(nats_url, clients=2, seconds=0.5)
+    assert r["completed"] > 0 and r["chats_per_s"] > 0
+    await overhead.profiled_throughput(nats_url, 1, 0.3, tmp_path)
+    tree = (tmp_path / "overhead_profile.txt").read_text()
+    assert "handle" in tree  # the chat function shows up in the sampled call tree
+
+
+@pytest.mark.e2e
+def test_overhead_bench_quick_run_on_the_real_stack(tmp_path, capsys):
+    from bench import overhead
+
+    argv = ["--pairs", "2", "--transports", "inprocess", "--clients", "1", "--seconds", "0.3"]
+    assert overhead.main([*argv, "--profile", "0", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "overhead_latency.csv").open()))
+    assert rows[0]["transport"] == "inprocess" and int(rows[0]["pairs"]) == 2
+    assert float(rows[0]["system_ttft_p50_ms"]) > 0 and float(rows[0]["direct_ttft_p50_ms"]) > 0
+    assert "chats/s" in capsys.readouterr().out
