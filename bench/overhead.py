@@ -238,9 +238,10 @@ def top_costs(session: Any, n: int = 10) -> list[tuple[str, float]]:
         if frame is None:
             continue
         stack.extend(frame.children)
-        if frame.self_time > 0 and frame.function:
+        self_time = frame.time - sum(child.time for child in frame.children)
+        if self_time > 0 and frame.function:
             name = f"{frame.function} ({frame.file_path_short}:{frame.line_no})"
-            totals[name] = totals.get(name, 0.0) + frame.self_time
+            totals[name] = totals.get(name, 0.0) + self_time
     return sorted(totals.items(), key=lambda kv: -kv[1])[:n]
 
 
