@@ -31,12 +31,19 @@ Transition = Callable[[NodeRecord], NodeRecord]
 class Fleet:
     def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
         self.kv, self.js = kv, js
+        # The last record and revision this process read or wrote, per node: the first
+        # guess of the next update (records are never changed in place). A stale guess
+        # costs one failed CAS, then a fresh read; it is never trusted beyond that.
+        self._last: dict[str, tuple[NodeRecord, int]] = {}
 
     async def get(self, node_id: str) -> tuple[NodeRecord, int]:
         entry = await self.kv.get(node_key(node_id))
         if entry.value is None:
+            self._last.pop(node_id, None)
             raise KeyNotFoundError
-        return NodeRecord.model_validate_json(entry.value), entry.revision or 0
+        got = NodeRecord.model_validate_json(entry.value), entry.revision or 0
+        self._last[node_id] = got
+        return got
 
     async def nodes(self) -> list[tuple[NodeRecord, int]]:
         out = []
@@ -63,14 +70,25 @@ class Fleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
         lost = 0
+        guess = known or self._last.get(node_id)
         while True:
-            record, rev = known if known is not None else await self.get(node_id)
-            known = None
-            new = transition(record)
+            record, rev = guess if guess is not None else await self.get(node_id)
+            guessed, guess = guess is not None, None
             try:
-                await self.kv.update(node_key(node_id), new.model_dump_json().encode(), last=rev)
+                new = transition(record)
+            except TransitionError:
+                if guessed:
+                    continue  # judged on a guess: judge again on a fresh read
+                raise
+            try:
+                rev = await self.kv.update(
+                    node_key(node_id), new.model_dump_json().encode(), last=rev
+                )
+                self._last[node_id] = (new, rev)
                 return new
             except KeyWrongLastSequenceError:
+                if guessed:
+                    continue  # a stale guess is not a lost race: re-read at once
                 lost += 1
                 if loop.time() > deadline:
                     raise TimeoutError(
@@ -80,6 +98,7 @@ class Fleet:
 
     async def forget(self, node_id: str, revision: int) -> bool:
         """Delete the node's record if it is still at `revision`; False if it changed."""
+        self._last.pop(node_id, None)
         try:
             await self.kv.delete(node_key(node_id), last=revision)
             return True

@@ -69,7 +69,18 @@ def decayed_rate(slot: Slot, now: float) -> float:
 
 
 def _copy(node: NodeRecord) -> NodeRecord:
-    return node.model_copy(deep=True)
+    """A copy the transitions may change: the dicts and lists are new, the rest immutable.
+    (model_copy(deep=True) goes through copy.deepcopy: 7 % of the control plane's CPU.)"""
+    return node.model_copy(
+        update={
+            "models": {
+                name: slot.model_copy(update={"leases": dict(slot.leases)})
+                for name, slot in node.models.items()
+            },
+            "available": list(node.available),
+            "errors": dict(node.errors),
+        }
+    )
 
 
 class TransitionError(RuntimeError):
