@@ -35,6 +35,9 @@ class Fleet:
         # guess of the next update (records are never changed in place). A stale guess
         # costs one failed CAS, then a fresh read; it is never trusted beyond that.
         self._last: dict[str, tuple[NodeRecord, int]] = {}
+        self._pending: dict[str, list[tuple[Transition, asyncio.Future[NodeRecord]]]] = {}
+        self._committing: set[str] = set()
+        self._committers: set[asyncio.Task[None]] = set()
 
     async def get(self, node_id: str) -> tuple[NodeRecord, int]:
         entry = await self.kv.get(node_key(node_id))
@@ -63,10 +66,45 @@ class Fleet:
     ) -> NodeRecord:
         """Apply `transition` by CAS, retrying on conflict. TransitionError propagates.
 
-        `known` (a record and its revision just read) saves the first read; if it is stale the
-        CAS fails and the loop re-reads. Lost races back off with full jitter (capped at
-        50 ms): many writers on one node key otherwise keep colliding in lock-step.
+        Group commit: the transitions that callers in this process ask for on one node while
+        a write to it is in flight are applied in order to one record and written with one
+        CAS (each caller gets the record with its change, or its own TransitionError). A lost
+        race re-reads and re-applies them all, backing off with full jitter (capped at 50 ms).
+        `known` (a record and its revision just read) saves the first read; a stale guess
+        costs one failed CAS.
         """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[NodeRecord] = loop.create_future()
+        self._pending.setdefault(node_id, []).append((transition, done))
+        if node_id not in self._committing:
+            self._committing.add(node_id)
+            committer = asyncio.create_task(self._commit_all(node_id, known, budget_s))
+            self._committers.add(committer)
+            committer.add_done_callback(self._committers.discard)
+        return await done
+
+    async def _commit_all(
+        self, node_id: str, known: tuple[NodeRecord, int] | None, budget_s: float
+    ) -> None:
+        try:
+            while batch := self._pending.pop(node_id, []):
+                try:
+                    await self._commit(node_id, batch, known, budget_s)
+                except Exception as exc:  # handed to every caller in the batch
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                known = None
+        finally:
+            self._committing.discard(node_id)
+
+    async def _commit(
+        self,
+        node_id: str,
+        batch: list[tuple[Transition, asyncio.Future[NodeRecord]]],
+        known: tuple[NodeRecord, int] | None,
+        budget_s: float,
+    ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
         lost = 0
@@ -74,27 +112,39 @@ class Fleet:
         while True:
             record, rev = guess if guess is not None else await self.get(node_id)
             guessed, guess = guess is not None, None
-            try:
-                new = transition(record)
-            except TransitionError:
-                if guessed:
-                    continue  # judged on a guess: judge again on a fresh read
-                raise
-            try:
-                rev = await self.kv.update(
-                    node_key(node_id), new.model_dump_json().encode(), last=rev
-                )
+            new, results = record, []
+            for transition, _ in batch:
+                try:
+                    new = transition(new)
+                    results.append(new)
+                except TransitionError as exc:
+                    results.append(exc)
+            if guessed and any(isinstance(r, TransitionError) for r in results):
+                continue  # judged on a guess: judge again on a fresh read
+            if new is not record:
+                try:
+                    rev = await self.kv.update(
+                        node_key(node_id), new.model_dump_json().encode(), last=rev
+                    )
+                except KeyWrongLastSequenceError:
+                    if guessed:
+                        continue  # a stale guess is not a lost race: re-read at once
+                    lost += 1
+                    if loop.time() > deadline:
+                        raise TimeoutError(
+                            f"CAS on {node_key(node_id)} lost {lost} races in {budget_s:.0f}s"
+                        ) from None
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(lost, 10))))
+                    continue
                 self._last[node_id] = (new, rev)
-                return new
-            except KeyWrongLastSequenceError:
-                if guessed:
-                    continue  # a stale guess is not a lost race: re-read at once
-                lost += 1
-                if loop.time() > deadline:
-                    raise TimeoutError(
-                        f"CAS on {node_key(node_id)} lost {lost} races in {budget_s:.0f}s"
-                    ) from None
-                await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(lost, 10))))
+            for (_, fut), result in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, TransitionError):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+            return
 
     async def forget(self, node_id: str, revision: int) -> bool:
         """Delete the node's record if it is still at `revision`; False if it changed."""
