@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.ERROR)
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--pairs", type=int, default=40)
+    ap.add_argument("--pairs", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--transports", default="inprocess,http")
     ap.add_argument("--clients", default="1,8,64")

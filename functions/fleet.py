@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 
 import nats.errors
@@ -24,6 +25,7 @@ from . import planner
 from .state import NodeRecord, TransitionError, reserve
 
 log = logging.getLogger("functions.fleet")
+NODE_LIST_TTL_S = 2.0
 
 Transition = Callable[[NodeRecord], NodeRecord]
 
@@ -38,6 +40,8 @@ class Fleet:
         self._pending: dict[str, list[tuple[Transition, asyncio.Future[NodeRecord]]]] = {}
         self._committing: set[str] = set()
         self._committers: set[asyncio.Task[None]] = set()
+        self._ids: list[str] = []
+        self._ids_at = 0.0
 
     async def get(self, node_id: str) -> tuple[NodeRecord, int]:
         entry = await self.kv.get(node_key(node_id))
@@ -48,12 +52,23 @@ class Fleet:
         self._last[node_id] = got
         return got
 
+    async def node_ids(self) -> list[str]:
+        """The registered nodes. The list is kept for NODE_LIST_TTL_S (one round trip less
+        per chat): a node registered meanwhile by another process is seen that much later."""
+        now = time.monotonic()
+        if self._ids and now - self._ids_at < NODE_LIST_TTL_S:
+            return self._ids
+        keys = await keys_matching(self.js, FLEET_BUCKET, "node.*")
+        self._ids, self._ids_at = [key.removeprefix("node.") for key in keys], now
+        return self._ids
+
     async def nodes(self) -> list[tuple[NodeRecord, int]]:
         out = []
-        for key in await keys_matching(self.js, FLEET_BUCKET, "node.*"):
+        for node_id in await self.node_ids():
             try:
-                out.append(await self.get(key.removeprefix("node.")))
+                out.append(await self.get(node_id))
             except (KeyNotFoundError, KeyDeletedError):
+                self._ids = []  # gone: list them again next time
                 continue
         return out
 
@@ -149,6 +164,7 @@ class Fleet:
     async def forget(self, node_id: str, revision: int) -> bool:
         """Delete the node's record if it is still at `revision`; False if it changed."""
         self._last.pop(node_id, None)
+        self._ids = []
         try:
             await self.kv.delete(node_key(node_id), last=revision)
             return True
@@ -159,6 +175,7 @@ class Fleet:
         """Create the node record, or apply `transition` to the existing one."""
         try:
             await self.kv.create(node_key(record.node_id), record.model_dump_json().encode())
+            self._ids = []  # a new node: list them again next time
             return record
         except KeyWrongLastSequenceError:
             return await self.update(record.node_id, transition)
