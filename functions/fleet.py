@@ -205,9 +205,10 @@ class Fleet:
             except TransitionError:
                 continue
             try:
-                await self.kv.update(
+                rev = await self.kv.update(
                     node_key(record.node_id), new.model_dump_json().encode(), last=rev
                 )
+                self._last[record.node_id] = (new, rev)
                 return result
             except KeyWrongLastSequenceError:
                 log.debug("placement CAS conflict on %s; re-planning", record.node_id)

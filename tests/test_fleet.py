@@ -21,6 +21,19 @@ async def _fleets(nats_url: str, n: int) -> tuple[list[Fleet], list]:
     return fleets, conns
 
 
+async def _node_with_ready_model(fleet: Fleet, node_id: str) -> None:
+    """A node with plenty of room and one ready model `m`."""
+    node = NodeRecord(
+        node_id=node_id,
+        runtime="llamacpp",
+        url="http://x",
+        capacity_bytes=1 << 30,
+        heartbeat_at=time.time(),
+        models={"m": state.Slot(state="ready", bytes=1)},
+    )
+    await fleet.upsert(node, lambda r: r)
+
+
 async def test_32_concurrent_placements_never_over_commit_in_any_revision(nats_url):
     fleets, conns = await _fleets(nats_url, 4)
     node = NodeRecord(
@@ -56,15 +69,7 @@ async def test_32_concurrent_placements_never_over_commit_in_any_revision(nats_u
 
 async def test_concurrent_leases_are_never_lost(nats_url):
     fleets, conns = await _fleets(nats_url, 4)
-    node = NodeRecord(
-        node_id="cas-1",
-        runtime="llamacpp",
-        url="http://x",
-        capacity_bytes=1 << 30,
-        heartbeat_at=time.time(),
-        models={"m": state.Slot(state="ready", bytes=1)},
-    )
-    await fleets[0].upsert(node, lambda r: r)
+    await _node_with_ready_model(fleets[0], "cas-1")
     await asyncio.gather(
         *(
             fleets[i % 4].update(
@@ -85,15 +90,7 @@ async def test_one_process_commits_concurrent_changes_together_and_keeps_each_ou
     fails alone without holding back the others in its batch."""
     fleets, conns = await _fleets(nats_url, 1)
     fleet = fleets[0]
-    node = NodeRecord(
-        node_id="cas-2",
-        runtime="llamacpp",
-        url="http://x",
-        capacity_bytes=1 << 30,
-        heartbeat_at=time.time(),
-        models={"m": state.Slot(state="ready", bytes=1)},
-    )
-    await fleet.upsert(node, lambda r: r)
+    await _node_with_ready_model(fleet, "cas-2")
     before = len(await fleet.kv.history(node_key("cas-2")))
     results = await asyncio.gather(
         *(
