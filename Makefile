@@ -19,7 +19,7 @@ prepare: install  ## build llama-server once (about 6 min on 2 cores, cached) an
 run: prepare  ## the whole system on embedded defaults; Ctrl-C stops it
 	$(BIN)/ollama-autoscaler up
 
-DOMAIN := functions/planner.py functions/state.py events/codec.py events/keys.py events/types.py events/outcome.py
+DOMAIN := domain events/codec.py events/keys.py events/types.py events/outcome.py stores
 
 test: prepare lint  ## everything CI runs
 	$(BIN)/python -m pytest -q
@@ -27,8 +27,8 @@ test: prepare lint  ## everything CI runs
 test-fast: install  ## no llama-server: planner, codec, fleet, Ollama fake, reconcile
 	$(BIN)/python -m pytest -q -m "not e2e"
 
-lint: install  ## ruff on everything, mypy --strict on the pure domain
-	$(BIN)/python -m ruff check events functions autoscaler tests
+lint: install  ## ruff on everything, mypy --strict on the pure domain and the stores
+	$(BIN)/python -m ruff check events domain stores runtimes functions agent stack autoscaler tests bench
 	$(BIN)/python -m mypy --strict $(DOMAIN)
 
 clean:

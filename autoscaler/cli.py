@@ -14,10 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from domain import planner
 from events import bus
 from events.codec import Event
 from events.types import ChatCompleted, ChatFailed, ChatRequested, ChatToken, ModelEvict, ModelLoad
-from functions import planner
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -30,20 +30,28 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 async def _open(nats_url: str):  # type: ignore[no-untyped-def]
-    from functions.context import Settings, open_services
+    """Connect to a running stack; never changes its streams or consumers."""
+    from nats.js.errors import NotFoundError
 
-    return await open_services(Settings(nats_url=nats_url), provision=True)
+    from functions.services import Settings, open_services
+
+    try:
+        return await open_services(Settings(nats_url=nats_url))
+    except NotFoundError as exc:
+        raise ConnectionError(
+            f"NATS at {nats_url} has no ollama-autoscaler buckets ({exc!r}); is the stack "
+            "running? start it with `make run`"
+        ) from exc
 
 
 # -- up ------------------------------------------------------------------------------------------
 async def cmd_up(args: argparse.Namespace) -> int:
-    from functions.context import Settings
+    from functions.services import Settings
+    from stack.local import LocalStack, StackConfig, parse_bytes
 
-    from .stack import LocalStack, StackConfig, parse_bytes
-
-    settings = Settings.from_env()
+    settings = Settings()
     if args.policy:
-        settings = Settings(**{**settings.__dict__, "policy": args.policy})
+        settings = settings.but(policy=args.policy)
     cfg = StackConfig(
         nodes=args.nodes,
         node_memory=parse_bytes(args.node_memory),
@@ -64,64 +72,44 @@ async def cmd_up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(f"starting ollama-autoscaler (state in {cfg.state_dir}) ...", flush=True)
-    await stack.start()
+    try:
+        await stack.start()
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"error: the stack did not start: {exc}", file=sys.stderr)
+        return 1
     print(stack.describe(), flush=True)
     print(
         f"\ntry:  ollama-autoscaler chat --model {cfg.models[0] if cfg.nodes else 'MODEL'} "
         '"Why is the sky blue?"\n      ollama-autoscaler models\n      ollama-autoscaler status\n'
-        "Ctrl-C stops everything.",
+        "A child that exits is restarted (see the logs). Ctrl-C stops everything.",
         flush=True,
     )
-    watcher = asyncio.create_task(_watch_procs(stack, stop))
     await stop.wait()
-    watcher.cancel()
     print("\nstopping ...", flush=True)
     await stack.stop()
     print("stopped.", flush=True)
     return 0
 
 
-async def _watch_procs(stack: Any, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        for p in stack.procs:
-            if p.popen.poll() is not None:
-                print(
-                    f"{p.name} exited with {p.popen.returncode}; see {p.log_path}; stopping",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                stop.set()
-                return
-        await asyncio.sleep(1)
-
-
 # -- worker --------------------------------------------------------------------------------------
 async def cmd_worker(args: argparse.Namespace) -> int:
     """A pull worker: dispatchers that call the handlers in-process (the KEDA variant)."""
-    from events.dispatcher import Dispatcher, in_process
-    from functions.context import Settings, open_services
-    from functions.entry import HANDLERS
+    from functions.entry import HANDLERS, dispatcher
+    from functions.services import Settings, open_services
 
     names = [n.strip() for n in args.functions.split(",") if n.strip()]
     unknown = [n for n in names if n not in HANDLERS]
     if unknown:
         print(f"unknown function(s) {unknown}; choose from {sorted(HANDLERS)}", file=sys.stderr)
         return 2
-    settings = Settings(**{**Settings.from_env().__dict__, "nats_url": args.nats})
-    svc = await open_services(settings, provision=True, ack_wait_s=args.ack_wait)
+    settings = Settings().but(nats_url=args.nats)
+    svc = await open_services(settings, provision=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    tasks, dispatchers = [], []
-    for name in names:
-        spec = bus.CONSUMERS[name]
-        if args.ack_wait:
-            spec = bus.ConsumerSpec(spec.name, spec.event_type, args.ack_wait, spec.max_ack_pending)
-        handler = HANDLERS[name]
-        d = Dispatcher(svc.js, spec, in_process(lambda e, a, h=handler: h(svc, e, a)))
-        dispatchers.append(d)
-        tasks.append(asyncio.create_task(d.run(stop)))
+    dispatchers = [dispatcher(svc, name) for name in names]
+    tasks = [asyncio.create_task(d.run(stop)) for d in dispatchers]
     print(f"worker {os.getpid()} serving {', '.join(names)} from {args.nats}", flush=True)
     await stop.wait()
     # Stop fetching, give in-flight events a moment, then leave the rest to redelivery.
@@ -134,7 +122,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
 # -- chat ----------------------------------------------------------------------------------------
 async def cmd_chat(args: argparse.Namespace) -> int:
-    from functions.tasks import Tasks
+    from stores.tasks import Tasks
 
     from .client import ChatSession
 
@@ -166,11 +154,13 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     session = await ChatSession(nc, req, on_token).start()
     task_id = session.result.task_id
     tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET))
+    source = session.event.source
     said_queued = False
     deadline = time.monotonic() + args.timeout
     while not session.done and time.monotonic() < deadline:
         if not await session.ended_within(1.0) and not said_queued and not session.result.tokens:
-            rec = await tasks.get(task_id)
+            got = await tasks.get(source, task_id)
+            rec = got.record if got else None
             if rec and rec.state == "queued":
                 print(f"[queued: {rec.reason}]", file=sys.stderr, flush=True)
                 said_queued = True
@@ -206,14 +196,22 @@ async def cmd_chat(args: argparse.Namespace) -> int:
 async def cmd_status(args: argparse.Namespace) -> int:
     svc = await _open(args.nats)
     nodes = await svc.fleet.nodes()
-    queue = await svc.tasks.queue()
+    queue = await svc.waiting.all()
     now = time.time()
     if args.json:
         print(
             json.dumps(
                 {
                     "nodes": [r.model_dump() for r, _ in nodes],
-                    "queue": [q.model_dump() for q in queue],
+                    "queue": [
+                        {
+                            "task_id": w.task_id,
+                            "model": w.model,
+                            "priority": w.priority,
+                            "since": w.since,
+                        }
+                        for w in queue
+                    ],
                 },
                 indent=2,
             )
@@ -251,8 +249,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
         for name, err in rec.errors.items():
             print(f"    ! {name}: {err}")
     print(f"queue depth: {len(queue)}")
-    for q in queue:
-        print(f"    {q.task_id}  {q.model}  waiting {now - q.since:.1f}s  ({q.reason})")
+    for w in queue:
+        got = await svc.tasks.get(w.source, w.task_id)
+        why = got.record.reason if got else "?"
+        print(f"    {w.task_id}  {w.model}  waiting {now - w.since:.1f}s  ({why})")
     await svc.close()
     return 0
 
@@ -278,12 +278,13 @@ async def cmd_models(args: argparse.Namespace) -> int:
 
 async def cmd_task(args: argparse.Namespace) -> int:
     svc = await _open(args.nats)
-    rec = await svc.tasks.get(args.task_id)
+    found = await svc.tasks.find(args.task_id)
     await svc.close()
-    if rec is None:
+    if not found:
         print(f"no task {args.task_id!r} (tasks are kept for 24 h)", file=sys.stderr)
         return 1
-    print(json.dumps(rec.model_dump(), indent=2))
+    for rec in found:
+        print(json.dumps(rec.model_dump(exclude={"end"}), indent=2))
     return 0
 
 
@@ -342,7 +343,7 @@ async def cmd_evict(args: argparse.Namespace) -> int:
 
 
 async def cmd_prepare(args: argparse.Namespace) -> int:
-    from .assets import ensure_gemma, ensure_llama_server
+    from stack.assets import ensure_gemma, ensure_llama_server
 
     print(f"llama-server: {ensure_llama_server()}")
     print(f"gemma 3 270m: {ensure_gemma()}")
@@ -391,7 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="pull worker: run functions in-process on a running bus")
     w.add_argument("--functions", default="chat,load,evict,reconcile")
-    w.add_argument("--ack-wait", type=float, default=None)
     w.set_defaults(fn=cmd_worker)
 
     c = sub.add_parser("chat", help="send a prompt, stream the answer, print stats")

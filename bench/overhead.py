@@ -25,16 +25,16 @@ from typing import Any
 
 import httpx
 
+from agent.node import NodeAgent
 from autoscaler.client import ChatSession
-from autoscaler.stack import LocalStack, StackConfig
+from domain.state import Slot
 from events import bus
 from events.dispatcher import Dispatcher, in_process
 from events.types import ChatRequested
 from functions import chat as chat_fn
-from functions.catalog import ModelInfo
-from functions.context import Settings, open_services
-from functions.node_agent import NodeAgent
-from functions.state import Slot
+from functions.services import Settings, open_services
+from stack.local import LocalStack, StackConfig
+from stores.catalog import ModelInfo
 
 OUT = Path("docs/bench")
 MODEL = "gemma3-270m"

@@ -16,8 +16,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from autoscaler.stack import estimate_loaded_bytes
-from functions.planner import Candidate, min_cost_cover, tie_key
+from domain.planner import Candidate, min_cost_cover, tie_key
+from stack.local import estimate_loaded_bytes
 
 from .catalog import load_catalog
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from functions import planner
+from domain import planner
 
 from . import bound, sim, workloads
 from .catalog import CatalogModel, load_catalog

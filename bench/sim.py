@@ -1,7 +1,7 @@
 """A discrete-event SIMULATION of a GPU fleet serving many models from too little memory.
 
 Our policies (`cost`, `fewest`, `lru`) run through the very planner and state transitions the
-functions use (`functions.planner.plan`, `functions.state.*`); `ollama` emulates Ollama's
+functions use (`domain.planner.plan`, `domain.state.*`); `ollama` emulates Ollama's
 documented scheduler (shared/notes/ollama.md §1.3-1.4). Nothing here touches a GPU.
 
 Model of the fleet (printed with every run):
@@ -24,8 +24,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from functions import planner, state
-from functions.state import NodeRecord
+from domain import planner, state
+from domain.state import NodeRecord
 
 from .catalog import CatalogModel
 

@@ -4,6 +4,7 @@ Streams (all subjects start with `ollama.`):
   OLLAMA_EVENTS  ollama.chat.* ollama.model.> ollama.fleet.>   work and outcome events
   OLLAMA_TOKENS  ollama.chat.token.>                            short max-age, for replay
   OLLAMA_DLQ     ollama.deadletter.>                            rejected events, with reasons
+  OLLAMA_WAITING ollama.waiting.p<rank>.<model>                 parked chat requests (the queue)
 KV buckets: fleet (node records), models (catalog), tasks (task records + queue entries).
 """
 
@@ -37,6 +38,8 @@ DEFAULT_NATS_URL = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
 EVENTS_STREAM = "OLLAMA_EVENTS"
 TOKENS_STREAM = "OLLAMA_TOKENS"
 DLQ_STREAM = "OLLAMA_DLQ"
+WAITING_STREAM = "OLLAMA_WAITING"
+WAITING_CONSUMER = "waiting"  # read by no one: its pending count is the queue depth (KEDA)
 FLEET_BUCKET, MODELS_BUCKET, TASKS_BUCKET = "fleet", "models", "tasks"
 
 
@@ -98,10 +101,16 @@ async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
         await js.update_stream(cfg)
 
 
-async def provision(js: JetStreamContext, consumer_ack_wait_s: float | None = None) -> None:
-    """Create or update every stream, durable consumer and KV bucket. Safe to repeat."""
-    await _ensure_stream(
-        js,
+async def provision(
+    js: JetStreamContext, consumer_ack_wait_s: float | None = None, reconfigure: bool = False
+) -> None:
+    """Create every stream, durable consumer and KV bucket that is missing. Safe to repeat.
+
+    An existing consumer keeps its settings (its ack wait belongs to the deployment, not to
+    whoever connects last) unless `reconfigure` is set: only the stack that owns the bus
+    (`up`, `provision`) passes it.
+    """
+    streams = (
         StreamConfig(
             name=EVENTS_STREAM,
             subjects=["ollama.chat.*", "ollama.model.>", "ollama.fleet.>"],
@@ -109,26 +118,33 @@ async def provision(js: JetStreamContext, consumer_ack_wait_s: float | None = No
             max_age=7 * 86400,
             duplicate_window=120,
         ),
-    )
-    await _ensure_stream(
-        js,
         StreamConfig(
             name=TOKENS_STREAM,
             subjects=["ollama.chat.token.>"],
             storage=StorageType.FILE,
             max_age=600,
         ),
-    )
-    await _ensure_stream(
-        js,
         StreamConfig(
             name=DLQ_STREAM,
             subjects=[f"{DEAD_LETTER_PREFIX}.>"],
             storage=StorageType.FILE,
             max_age=30 * 86400,
         ),
+        StreamConfig(
+            name=WAITING_STREAM,
+            subjects=["ollama.waiting.>"],
+            storage=StorageType.FILE,
+            max_age=7 * 86400,
+        ),
+    )
+    for stream in streams:
+        await _ensure_stream(js, stream)
+    existing = (
+        {c.name for c in await js.consumers_info(EVENTS_STREAM)} if not reconfigure else set()
     )
     for spec in CONSUMERS.values():
+        if spec.name in existing:
+            continue
         cfg = ConsumerConfig(
             durable_name=spec.name,
             filter_subject=subject_for(spec.event_type),
@@ -139,6 +155,14 @@ async def provision(js: JetStreamContext, consumer_ack_wait_s: float | None = No
             max_ack_pending=spec.max_ack_pending,
         )
         await js.add_consumer(EVENTS_STREAM, cfg)
+    await js.add_consumer(
+        WAITING_STREAM,
+        ConsumerConfig(
+            durable_name=WAITING_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+        ),
+    )
     for bucket, history, ttl in (
         (FLEET_BUCKET, 64, None),
         (MODELS_BUCKET, 5, None),

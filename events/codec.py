@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +32,7 @@ CORE_ATTRS = {
 }
 STRUCTURED_CT = "application/cloudevents+json"
 MAX_EVENT_BYTES = 1_048_576  # the NATS default max_payload
+MAX_ID_CHARS = 256  # ids become KV keys and message ids: keep them well inside a header line
 
 # The binding: percent-encode space, '"', '%' and everything outside printable ASCII.
 _SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
@@ -103,7 +105,7 @@ def _decode_body(body: bytes, content_type: str | None) -> Any:
     if content_type is None or "json" in content_type.lower():
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nesting too deep
             raise CodecError(f"event data is not valid JSON ({exc})") from exc
     return bytes(body)
 
@@ -114,10 +116,15 @@ def _build(attrs: dict[str, Any], data: Any) -> Event:
         raise CodecError(f"not a CloudEvent: missing required attribute(s) {', '.join(missing)}")
     if attrs["specversion"] != SPECVERSION:
         raise CodecError(f"unsupported specversion {attrs['specversion']!r}; expected '1.0'")
-    for name in REQUIRED:
-        if not isinstance(attrs[name], str):
+    for name in CORE_ATTRS:
+        if name in attrs and attrs[name] is not None and not isinstance(attrs[name], str):
             kind = type(attrs[name]).__name__
             raise CodecError(f"attribute {name!r} must be a string, got {kind}")
+    for name in ("id", "source"):
+        if len(attrs[name]) > MAX_ID_CHARS:
+            raise CodecError(
+                f"attribute {name!r} is {len(attrs[name])} characters; the limit is {MAX_ID_CHARS}"
+            )
     ext = {k: str(v) for k, v in attrs.items() if k not in CORE_ATTRS}
     return Event(
         type=attrs["type"],
@@ -132,8 +139,10 @@ def _build(attrs: dict[str, Any], data: Any) -> Event:
     )
 
 
-def decode(headers: dict[str, str] | None, body: bytes) -> Event:
-    """Read a NATS message in either mode. Raises CodecError saying what is wrong."""
+def decode(headers: Mapping[str, str] | None, body: bytes) -> Event:
+    """Read a CloudEvent in either mode from a NATS message or an HTTP request (the bindings
+    differ only in the header names' case, which is ignored). Raises CodecError saying what
+    is wrong; never anything else."""
     if len(body) > MAX_EVENT_BYTES:
         raise CodecError(f"event is {len(body)} bytes; the limit is {MAX_EVENT_BYTES}")
     h = {k.lower(): v for k, v in (headers or {}).items()}
@@ -151,7 +160,7 @@ def decode(headers: dict[str, str] | None, body: bytes) -> Event:
         )
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nesting too deep
         raise CodecError(f"structured CloudEvent is not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
         raise CodecError(f"structured CloudEvent must be a JSON object, got {type(doc).__name__}")

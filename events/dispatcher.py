@@ -10,6 +10,7 @@ redelivered; if the worker dies, the acks stop and JetStream redelivers after ac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -73,34 +74,58 @@ class Stats:
     rejected: int = 0
 
 
+GiveUp = Callable[[Event, str], Awaitable[None]]
+MAX_DEAD_BODY_BYTES = 64 * 1024  # a dead-letter record keeps at most this much of the body
+
+
 class Dispatcher:
+    """Feeds one durable consumer's events to one function. Every delivered message ends in
+    an outcome — ack, nak with delay, or term with a dead-letter record — whatever raises."""
+
     def __init__(
-        self, js: JetStreamContext, spec: ConsumerSpec, deliver: Deliver, concurrency: int = 64
+        self,
+        js: JetStreamContext,
+        spec: ConsumerSpec,
+        deliver: Deliver,
+        concurrency: int = 64,
+        give_up: GiveUp | None = None,
     ) -> None:
         self.js, self.spec, self.deliver = js, spec, deliver
         self.concurrency = concurrency
+        self.give_up = give_up  # told when a handler's event is dead-lettered after failures
         self.stats = Stats()
+        self.ack_wait_s = spec.ack_wait_s  # the consumer's real one, read when run starts
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def dead_letter(self, msg: Msg, reason: str, event: Event | None) -> None:
+        """Record the event with the reason on `ollama.deadletter.<consumer>`. A body too big
+        to fit a record is cut (and says so); a failed publish is logged, never raised."""
+        body = msg.data
+        cut = len(body) > MAX_DEAD_BODY_BYTES
+        headers = {k: v[:1024] for k, v in list((msg.headers or {}).items())[:64]}
         record = DeadLetter(
-            reason=reason,
+            reason=reason[:4096],
             consumer=self.spec.name,
             subject=msg.subject,
             event_type=event.type if event else None,
             event_id=event.id if event else None,
-            headers=dict(msg.headers or {}),
-            body=msg.data.decode("utf-8", errors="replace"),
+            headers=headers,
+            body=body[:MAX_DEAD_BODY_BYTES].decode("utf-8", errors="replace"),
+            body_bytes=len(body),
+            body_truncated=cut,
             num_delivered=msg.metadata.num_delivered if msg.reply else 1,
         )
         subject = f"{DEAD_LETTER_PREFIX}.{self.spec.name}"
-        await self.js.publish(subject, record.model_dump_json().encode())
+        try:
+            await self.js.publish(subject, record.model_dump_json().encode())
+        except Exception:
+            log.exception("dead-letter record for %s could not be published", msg.subject)
         log.warning(
             "dead-letter consumer=%s subject=%s reason=%s", self.spec.name, msg.subject, reason
         )
 
     async def _keep_alive(self, msg: Msg) -> None:
-        interval = max(0.5, self.spec.ack_wait_s / 3)
+        interval = max(0.5, self.ack_wait_s / 3)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -108,28 +133,35 @@ class Dispatcher:
             except Exception:  # connection blips: the next tick tries again
                 log.debug("in_progress failed", exc_info=True)
 
-    async def handle(self, msg: Msg) -> None:
-        attempt = msg.metadata.num_delivered
-        event: Event | None = None
+    async def _outcome(self, msg: Msg, attempt: int) -> tuple[Outcome, Event | None]:
         try:
             event = decode(dict(msg.headers or {}), msg.data)
-            if event.type != self.spec.event_type:
-                raise CodecError(
-                    f"consumer {self.spec.name} takes {self.spec.event_type!r}, got {event.type!r}"
-                )
         except CodecError as exc:
-            await self.dead_letter(msg, f"malformed event: {exc}", event)
-            await msg.term()
-            self.stats.rejected += 1
-            return
+            return Reject(f"malformed event: {exc}"), None
+        if event.type != self.spec.event_type:
+            return Reject(
+                f"consumer {self.spec.name} takes {self.spec.event_type!r}, got {event.type!r}"
+            ), event
         keeper = asyncio.create_task(self._keep_alive(msg))
-        t0 = time.perf_counter()
         try:
-            outcome = await self.deliver(event, attempt)
+            return await self.deliver(event, attempt), event
+        except Exception as exc:
+            log.exception("delivery of %s %s raised", event.type, event.id)
+            return Retry(backoff(attempt), f"{exc.__class__.__name__}: {exc}"), event
         finally:
             keeper.cancel()
+
+    async def handle(self, msg: Msg) -> None:
+        attempt = msg.metadata.num_delivered if msg.reply else 1
+        t0 = time.perf_counter()
+        outcome, event = await self._outcome(msg, attempt)
         if isinstance(outcome, Retry) and outcome.failure and attempt >= MAX_FAILED_DELIVERIES:
             outcome = Reject(f"gave up after {attempt} deliveries; last error: {outcome.reason}")
+            if event is not None and self.give_up is not None:
+                try:
+                    await self.give_up(event, outcome.reason)
+                except Exception:
+                    log.exception("give-up hook failed on %s", event.id)
         if isinstance(outcome, Done):
             await msg.ack()
             self.stats.done += 1
@@ -143,15 +175,23 @@ class Dispatcher:
         log.debug(
             "%s %s -> %s in %.1f ms",
             self.spec.name,
-            event.id,
+            event.id if event else "?",
             outcome,
             (time.perf_counter() - t0) * 1000,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        sub = await self.js.pull_subscribe_bind(durable=self.spec.name, stream=EVENTS_STREAM)
-        try:
-            while not stop.is_set():
+        """Fetch and dispatch until `stop`; survives connection loss and server restarts."""
+        sub = None
+        pause = 0.1
+        while not stop.is_set():
+            try:
+                if sub is None:
+                    sub = await self.js.pull_subscribe_bind(
+                        durable=self.spec.name, stream=EVENTS_STREAM
+                    )
+                    info = await self.js.consumer_info(EVENTS_STREAM, self.spec.name)
+                    self.ack_wait_s = float(info.config.ack_wait or self.spec.ack_wait_s)
                 free = self.concurrency - len(self._tasks)
                 if free <= 0:
                     await asyncio.sleep(0.01)
@@ -160,20 +200,29 @@ class Dispatcher:
                     msgs = await sub.fetch(batch=min(free, 32), timeout=0.5)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
-                except nats.errors.ConnectionClosedError:
-                    return
                 for msg in msgs:
                     task = asyncio.create_task(self._guarded(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-        finally:
-            await sub.unsubscribe()
+                pause = 0.1
+            except nats.errors.ConnectionClosedError:
+                return
+            except Exception as exc:  # reconnecting, server restarting, consumer missing
+                log.warning("dispatcher %s: %r; retrying in %.1fs", self.spec.name, exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(5.0, pause * 2)
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub = None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _guarded(self, msg: Msg) -> None:
-        # Concurrency is bounded by fetching only as many messages as there are free slots.
         try:
             await self.handle(msg)
-        except Exception:
+        except Exception:  # acking itself failed (connection lost): JetStream redelivers
             log.exception("dispatcher failed on %s; leaving it for redelivery", msg.subject)
 
     async def drain(self, timeout: float = 10.0) -> None:

@@ -48,7 +48,3 @@ def node_key(node_id: str) -> str:
 
 def model_key(model: str) -> str:
     return f"model.{encode_name(model)}"
-
-
-def task_key(task_id: str) -> str:
-    return f"task.{encode_name(task_id)}"

@@ -109,6 +109,7 @@ class ChatFailed(_Data):
     chat_id: str
     task_id: str
     error: ErrorInfo
+    text: str = ""  # what was generated before it failed, if anything
 
 
 class ModelLoad(_Data):
@@ -116,6 +117,7 @@ class ModelLoad(_Data):
     node: str | None = None
     reason: str = "manual"
     task_id: str | None = None
+    gen: int | None = None  # the slot a placement committed (absent: a manual load)
 
 
 class ModelLoaded(_Data):
@@ -129,6 +131,7 @@ class ModelEvict(_Data):
     model: ModelName
     node: str | None = None
     reason: str = "manual"
+    gen: int | None = None  # only this copy: a late evict never unloads a newer one
 
 
 class ModelEvicted(_Data):
@@ -169,7 +172,9 @@ class DeadLetter(_Data):
     event_id: str | None = None
     subject: str
     headers: dict[str, str]
-    body: str  # original bytes, decoded as UTF-8 with replacement
+    body: str  # original bytes, decoded as UTF-8 with replacement (cut if very large)
+    body_bytes: int = 0  # the original body's size
+    body_truncated: bool = False
     num_delivered: int = 1
 
 

@@ -1,9 +1,16 @@
-"""The chat function: `chat.requested` -> lease or place the model -> stream `chat.token`s ->
-one `chat.completed` or `chat.failed`.
+"""The chat function: `chat.requested` -> admit -> acquire -> stream -> finish.
 
-Idempotent under redelivery: the task id is the event id, leases are keyed by task id, and
-the terminal event is published with a fixed Nats-Msg-Id, so a re-run after a worker died
-re-takes the same lease and the client still sees exactly one end.
+  admit    validate; claim the task (its record, by compare-and-set, so two deliveries of one
+           request never run at once); a request seen again after its end gets that end again
+  acquire  a lease on a ready (or loading) copy, or a placement (evictions + `model.load`);
+           when nothing fits, or admission defers the load, the request is *parked* in the
+           waiting stream and its delivery acknowledged: it is woken by events, not retried
+  stream   `chat.token` events; a stream the runtime cuts short is a failure
+  finish   the end (`chat.completed` / `chat.failed`) is stored in the task, then published
+           under the task's message id, then the lease is released and waiters are woken
+
+Every path ends a request with exactly one end event; a redelivery re-sends the stored one
+under the same `Nats-Msg-Id`, so JetStream's deduplication keeps it one.
 """
 
 from __future__ import annotations
@@ -12,13 +19,17 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from pydantic import ValidationError
 
+from domain import planner, state
+from domain.state import NodeRecord, TransitionError
 from events import bus
 from events.codec import Event
-from events.dispatcher import backoff
 from events.outcome import Done, Outcome, Reject, Retry
 from events.types import (
     CHAT_ID_RE,
@@ -30,67 +41,207 @@ from events.types import (
     ErrorInfo,
     ModelLoad,
 )
+from runtimes import RuntimeFailure
+from stores.tasks import TERMINAL, Conflict, TaskRecord, Versioned
 
-from . import planner, state
-from .context import Services
 from .evict import request_evict
-from .runtimes.base import RuntimeFailure
-from .state import NodeRecord, TransitionError
-from .tasks import TERMINAL, QueueEntry, TaskRecord
+from .services import Services
 
 log = logging.getLogger("functions.chat")
 LEASE_RENEW_S = 20.0
+OWNER_TTL_S = 15.0  # a run's claim on its task; renewed every OWNER_RENEW_S while it runs
+OWNER_RENEW_S = 5.0
+WAKE_EXTENSION = "oawake"  # set on a re-published parked request
+
+
+class Lost(RuntimeError):
+    """Another run took this task over (our claim expired): stop, publish nothing."""
 
 
 def _event_time(event: Event, now: float) -> float:
+    """When the client sent it (for queue_ms), trusted only within the last minute."""
     if event.time:
         try:
             t = datetime.fromisoformat(event.time).timestamp()
-            if now - 86400 < t <= now + 1:
+            if now - 60 < t <= now + 1:
                 return t
         except ValueError:
             pass
     return now
 
 
-async def _fail(svc: Services, task: TaskRecord, code: str, message: str) -> None:
-    was_queued = task.state == "queued"
-    task.state, task.error, task.updated_at = (
-        "failed",
-        {"code": code, "message": message},
-        time.time(),
-    )
-    await svc.tasks.put(task)
-    if was_queued:
-        await svc.tasks.dequeue(task.task_id)
+@dataclass
+class Run:
+    """One handling of one task: its record and revision, kept in step by `save`."""
+
+    svc: Services
+    rec: TaskRecord
+    rev: int
+    run_id: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def save(self, **changes: Any) -> None:
+        """Apply `changes` to the task by compare-and-set; re-read on conflict. Lost if
+        another run now owns the task."""
+        async with self.lock:
+            for _ in range(20):
+                new = self.rec.model_copy(update={**changes, "updated_at": time.time()})
+                try:
+                    self.rev = await self.svc.tasks.update(new, self.rev)
+                    self.rec = new
+                    return
+                except Conflict:
+                    got = await self.svc.tasks.get(self.rec.source, self.rec.task_id)
+                    if got is None or got.record.owner != self.run_id:
+                        raise Lost(f"task {self.rec.task_id} was taken over") from None
+                    self.rec, self.rev = got.record, got.revision
+            raise Lost(f"task {self.rec.task_id}: too many conflicting writes")
+
+
+# -- ends -----------------------------------------------------------------------------------------
+def _end_msg_id(task_id: str) -> str:
+    return f"{task_id}.end"
+
+
+async def _end(run: Run, event_type: str, data: dict[str, Any], **changes: Any) -> None:
+    """Store the end in the task, then publish it. If the publish fails the handler raises,
+    the delivery is retried, and the retry re-sends the stored end (same message id)."""
+    await run.save(end={"type": event_type, "data": data}, owner=None, **changes)
+    if run.rec.waiter_seq is not None:
+        await run.svc.waiting.remove(run.rec.waiter_seq)
+    await bus.publish(run.svc.js, Event(event_type, data), msg_id=_end_msg_id(run.rec.task_id))
+
+
+async def _fail(run: Run, code: str, message: str, text: str = "") -> None:
+    rec = run.rec
     data = ChatFailed(
-        chat_id=task.chat_id, task_id=task.task_id, error=ErrorInfo(code=code, message=message)
-    )
-    await bus.publish(svc.js, Event("chat.failed", data.model_dump()), msg_id=f"{task.task_id}.end")
+        chat_id=rec.chat_id,
+        task_id=rec.task_id,
+        error=ErrorInfo(code=code, message=message),
+        text=text,
+    ).model_dump()
+    await _end(run, "chat.failed", data, state="failed", error={"code": code, "message": message})
     log.info(
         "chat.failed task_id=%s chat_id=%s model=%s code=%s",
-        task.task_id,
-        task.chat_id,
-        task.model,
+        rec.task_id,
+        rec.chat_id,
+        rec.model,
         code,
     )
 
 
-async def _lease_ready(svc: Services, req: ChatRequested, task_id: str) -> NodeRecord | None:
-    """Take a lease on a node where the model is ready (least active first)."""
+async def resend_end(svc: Services, rec: TaskRecord, same_message: bool) -> None:
+    """A request seen again after its end: send the stored end again. A redelivery of the
+    same message uses the end's message id (JetStream keeps one); a new message that reuses
+    the id gets a fresh one, so its sender hears the answer."""
+    assert rec.end is not None
+    msg_id = _end_msg_id(rec.task_id) if same_message else f"{rec.task_id}.end.{uuid.uuid4().hex}"
+    await bus.publish(svc.js, Event(rec.end["type"], rec.end["data"]), msg_id=msg_id)
+
+
+async def give_up(svc: Services, event: Event, reason: str) -> None:
+    """The dispatcher dead-lettered this request (it kept failing): end it for its client."""
+    got = await svc.tasks.get(event.source, event.id)
+    if got is None or got.record.state in TERMINAL:
+        return
+    run = Run(svc, got.record, got.revision, got.record.owner or "dispatcher")
+    with contextlib.suppress(Lost):
+        await _fail(run, "gave_up", reason)
+
+
+# -- admit ----------------------------------------------------------------------------------------
+async def _reject_invalid(svc: Services, event: Event, exc: ValidationError) -> Outcome:
+    reason = f"invalid chat.requested data: {exc.errors(include_url=False)}"
+    chat_id = event.data.get("chat_id") if isinstance(event.data, dict) else None
+    if isinstance(chat_id, str) and CHAT_ID_RE.match(chat_id):
+        now = time.time()
+        rec = TaskRecord(
+            task_id=event.id,
+            source=event.source,
+            chat_id=chat_id,
+            model="?",
+            state="placing",
+            created_at=now,
+            updated_at=now,
+        )
+        with contextlib.suppress(Conflict):
+            await _fail(Run(svc, rec, await svc.tasks.create(rec), ""), "invalid_request", reason)
+    return Reject(reason)
+
+
+async def _claim(svc: Services, event: Event, req: ChatRequested, attempt: int) -> Run | Outcome:
+    """Own the task for this run, or say what to do instead."""
+    run_id = uuid.uuid4().hex[:12]
+    woken = WAKE_EXTENSION in event.extensions
+    for _ in range(10):
+        now = time.time()
+        got: Versioned | None = await svc.tasks.get(event.source, event.id)
+        if got is None:
+            if woken:
+                return Done("woken, but the task is gone")
+            rec = TaskRecord(
+                task_id=event.id,
+                source=event.source,
+                chat_id=req.chat_id,
+                model=req.model,
+                state="placing",
+                priority=req.priority,
+                created_at=_event_time(event, now),
+                updated_at=now,
+                owner=run_id,
+                owner_until=now + OWNER_TTL_S,
+            )
+            try:
+                return Run(svc, rec, await svc.tasks.create(rec), run_id)
+            except Conflict:
+                continue
+        rec = got.record
+        if rec.state in TERMINAL:
+            if woken or rec.end is None:
+                return Done(f"already {rec.state}")
+            await resend_end(svc, rec, same_message=attempt > 1)
+            return Done(f"seen again after its end: {rec.end['type']} re-sent")
+        if rec.owned_by_other(run_id, now):
+            if woken or rec.state == "queued":
+                return Done("another run has it")
+            # A second delivery while the first still runs (or its claim has not expired
+            # yet after a crash): come back when the claim would have expired.
+            return Retry(rec.owner_until - now + 0.5, "another run holds the task", failure=False)
+        claimed = rec.model_copy(
+            update={"owner": run_id, "owner_until": now + OWNER_TTL_S, "updated_at": now}
+        )
+        if rec.state == "queued":
+            claimed.state = "placing"
+            claimed.waited_s = rec.waited_s + max(0.0, now - rec.updated_at)
+        try:
+            return Run(svc, claimed, await svc.tasks.update(claimed, got.revision), run_id)
+        except Conflict:
+            continue
+    return Retry(0.5, "the task record kept changing")
+
+
+# -- acquire --------------------------------------------------------------------------------------
+@dataclass
+class Held:
+    record: NodeRecord
+    placed_at: float
+
+
+async def _lease_ready(svc: Services, model: str, task_id: str) -> NodeRecord | None:
+    """Take a lease on a node where the model is ready (least active first), else reserve
+    a place on a copy that is already loading."""
     now = time.time()
     nodes = [rv for rv in await svc.fleet.nodes() if planner.node_is_live(rv[0], now)]
     ready = sorted(
-        (rv for rv in nodes if (s := rv[0].models.get(req.model)) and s.state == "ready"),
-        key=lambda rv: (rv[0].models[req.model].active, rv[0].node_id),
+        (rv for rv in nodes if (s := rv[0].models.get(model)) and s.state == "ready"),
+        key=lambda rv: (rv[0].models[model].active, rv[0].node_id),
     )
-    loading = [rv for rv in nodes if (s := rv[0].models.get(req.model)) and s.state == "loading"]
-    # Ready copies first; else reserve our place on a copy that is already loading.
+    loading = [rv for rv in nodes if (s := rv[0].models.get(model)) and s.state == "loading"]
     for record, rev in ready + loading:
         try:
             return await svc.fleet.update(
                 record.node_id,
-                lambda r: state.take_lease(r, req.model, task_id, time.time()),
+                lambda r: state.take_lease(r, model, task_id, time.time()),
                 known=(record, rev),
             )
         except TransitionError:
@@ -98,61 +249,162 @@ async def _lease_ready(svc: Services, req: ChatRequested, task_id: str) -> NodeR
     return None
 
 
-async def _wait_ready(svc: Services, node_id: str, model: str) -> NodeRecord:
-    def settled(r: NodeRecord) -> bool:
-        slot = r.models.get(model)
-        return slot is None or slot.state != "loading"
+async def _park(run: Run, event: Event, req: ChatRequested, result: planner.Queue) -> Outcome:
+    """Record the request as waiting and acknowledge it; events wake it."""
+    svc, now = run.svc, time.time()
+    wake_at = now + result.retry_s if result.retry_s is not None else None
+    first = run.rec.waiter_seq is None
+    seq = run.rec.waiter_seq
+    if first:
+        plain = Event(
+            event.type,
+            event.data,
+            id=event.id,
+            source=event.source,
+            time=event.time,
+            subject=event.subject,
+            datacontenttype=event.datacontenttype,
+            extensions={k: v for k, v in event.extensions.items() if k != WAKE_EXTENSION},
+        )
+        seq = await svc.waiting.park(plain, req.model, req.priority, run.rec.created_at)
+    await run.save(
+        state="queued", reason=result.reason, owner=None, waiter_seq=seq, wake_at=wake_at
+    )
+    log.info("parked task_id=%s model=%s reason=%s", run.rec.task_id, req.model, result.reason)
+    if first:
+        # Memory may have been freed between our plan and the park: one look again.
+        await wake_task(svc, run.rec.task_id, "parked")
+    return Done("parked: " + result.reason)
 
-    return await svc.fleet.wait_for(node_id, settled, svc.settings.load_timeout_s)
+
+async def wake_task(svc: Services, task_id: str, trigger: str) -> None:
+    for head in await svc.waiting.all(limit=1000):
+        if head.task_id == task_id:
+            await svc.waiting.wake(head, trigger)
+            return
 
 
-async def _renew(svc: Services, node_id: str, model: str, task_id: str) -> None:
+async def _acquire(run: Run, event: Event, req: ChatRequested, info: Any) -> Held | Outcome:
+    svc, task_id = run.svc, run.rec.task_id
+    record = await _lease_ready(svc, req.model, task_id)
+    if record is not None:
+        return Held(record, time.time())
+    waiting = await svc.waiting.all(limit=1000)
+    peers = [w for w in waiting if w.model == req.model and w.task_id != task_id]
+    now = time.time()
+    result = await svc.fleet.place(
+        planner.PlanRequest(
+            req.model,
+            info.bytes,
+            frozenset(w.model for w in waiting if w.model != req.model),
+            waited_s=run.rec.waited_s
+            + (now - run.rec.created_at if run.rec.waiter_seq is None else 0.0)
+            + sum(now - w.since for w in peers),
+            waiting=1 + len(peers),
+        ),
+        now,
+        svc.settings.policy,
+        task_id,
+        reason=f"chat {task_id}",
+    )
+    if isinstance(result, planner.Reject):
+        await _fail(run, result.code, result.reason)
+        return Reject(result.reason)
+    if isinstance(result, planner.Queue):
+        return await _park(run, event, req, result)
+    placed_at = time.time()
+    record, _ = await svc.fleet.get(result.node_id)
+    gen = record.models[req.model].gen
+    for victim in result.evict:
+        await request_evict(
+            svc,
+            victim,
+            result.node_id,
+            f"make room for {req.model}",
+            gen=record.models[victim].gen,
+        )
+    await bus.publish(
+        svc.js,
+        Event(
+            "model.load",
+            ModelLoad(
+                model=req.model, node=result.node_id, reason="chat", task_id=task_id, gen=gen
+            ).model_dump(),
+        ),
+        msg_id=f"load.{result.node_id}.{gen}",
+    )
+    log.info(
+        "placed task_id=%s model=%s node=%s evict=%s policy=%s",
+        task_id,
+        req.model,
+        result.node_id,
+        list(result.evict),
+        svc.settings.policy,
+    )
+    return Held(record, placed_at)
+
+
+async def _keep(run: Run, node_id: str, model: str) -> None:
+    """While the run lasts: renew its claim on the task and its lease on the model. Errors
+    are logged and retried at the next beat; a lost claim stops the renewals."""
+    last_lease = time.monotonic()
     while True:
-        await asyncio.sleep(LEASE_RENEW_S)
-        with contextlib.suppress(TransitionError, TimeoutError):
-            await svc.fleet.update(
-                node_id, lambda r: state.take_lease(r, model, task_id, time.time())
-            )
+        await asyncio.sleep(OWNER_RENEW_S)
+        try:
+            await run.save(owner_until=time.time() + OWNER_TTL_S)
+        except Lost:
+            log.warning("task_id=%s claim lost; renewals stop", run.rec.task_id)
+            return
+        except Exception as exc:
+            log.warning("task_id=%s claim renewal failed: %r", run.rec.task_id, exc)
+        if time.monotonic() - last_lease >= LEASE_RENEW_S:
+            try:
+                await run.svc.fleet.update(
+                    node_id, lambda r: state.take_lease(r, model, run.rec.task_id, time.time())
+                )
+                last_lease = time.monotonic()
+            except Exception as exc:  # TransitionError: the slot is gone; else NATS trouble
+                log.warning(
+                    "task_id=%s lease renewal on %s failed: %r", run.rec.task_id, node_id, exc
+                )
 
 
+async def _release(
+    svc: Services, node_id: str, model: str, task_id: str, keep_alive: float
+) -> None:
+    record = await svc.fleet.update(
+        node_id, lambda r: state.release_lease(r, model, task_id, time.time(), keep_alive)
+    )
+    slot = record.models.get(model)
+    if slot is None or not slot.leases:
+        # The model became evictable (or is gone): a waiter may fit now.
+        await svc.waiting.wake_heads(f"release.{task_id}")
+
+
+# -- the handler ----------------------------------------------------------------------------------
 async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     try:
         req = ChatRequested.model_validate(event.data)
     except ValidationError as exc:
-        reason = f"invalid chat.requested data: {exc.errors(include_url=False)}"
-        chat_id = event.data.get("chat_id") if isinstance(event.data, dict) else None
-        if isinstance(chat_id, str) and CHAT_ID_RE.match(chat_id):
-            task = TaskRecord(
-                task_id=event.id,
-                chat_id=chat_id,
-                model="?",
-                state="failed",
-                created_at=time.time(),
-                updated_at=time.time(),
-            )
-            await _fail(svc, task, "invalid_request", reason)
-        return Reject(reason)
+        return await _reject_invalid(svc, event, exc)
+    claimed, info = await asyncio.gather(
+        _claim(svc, event, req, attempt), svc.catalog.get(req.model)
+    )
+    if not isinstance(claimed, Run):
+        return claimed
+    run = claimed
+    try:
+        return await _serve(run, event, req, info)
+    except Lost as exc:
+        return Done(str(exc))
 
-    task_id, now = event.id, time.time()
-    # Independent reads go out together: each is a round trip to NATS on the TTFT path.
-    task, info = await asyncio.gather(svc.tasks.get(task_id), svc.catalog.get(req.model))
-    if task and task.state in TERMINAL:
-        return Done("duplicate delivery of a finished task")
-    if task is None:
-        task = TaskRecord(
-            task_id=task_id,
-            chat_id=req.chat_id,
-            model=req.model,
-            state="placing",
-            created_at=_event_time(event, now),
-            updated_at=now,
-        )
-    task.attempt = attempt
 
+async def _serve(run: Run, event: Event, req: ChatRequested, info: Any) -> Outcome:
+    svc, task_id = run.svc, run.rec.task_id
     if info is None:
         known = ", ".join(m.name for m in await svc.catalog.all()) or "none"
         msg = f"unknown model {req.model!r}; the catalog has: {known}"
-        await _fail(svc, task, "unknown_model", msg)
+        await _fail(run, "unknown_model", msg)
         return Reject(msg)
     context = req.options.num_ctx or info.context or 2048
     est_tokens = req.prompt_chars() / svc.settings.chars_per_token
@@ -161,100 +413,63 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             f"prompt of ~{est_tokens:.0f} tokens exceeds the {context}-token context of "
             f"{req.model}; shorten it or raise options.num_ctx"
         )
-        await _fail(svc, task, "prompt_too_long", msg)
+        await _fail(run, "prompt_too_long", msg)
         return Reject(msg)
 
-    # 1. A lease on a ready (or already loading) copy, else a placement.
-    record = await _lease_ready(svc, req, task_id)
-    placed_at = time.time()
-    if record is None:
-        queue = [e for e in await svc.tasks.queue() if e.task_id != task_id]
-        peers = [e for e in queue if e.model == req.model]
-        now = time.time()
-        result = await svc.fleet.place(
-            planner.PlanRequest(
-                req.model,
-                info.bytes,
-                frozenset(e.model for e in queue if e.model != req.model),
-                waited_s=now - task.created_at + sum(now - e.since for e in peers),
-                waiting=1 + len(peers),
-            ),
-            time.time(),
-            svc.settings.policy,
-            task_id,
-            reason=f"chat {task_id}",
-        )
-        if isinstance(result, planner.Reject):
-            await _fail(svc, task, "model_too_large", result.reason)
-            return Reject(result.reason)
-        if isinstance(result, planner.Queue):
-            if task.state != "queued":
-                task.state, task.reason, task.updated_at = "queued", result.reason, time.time()
-                await svc.tasks.put(task)
-                await svc.tasks.enqueue(
-                    QueueEntry(
-                        task_id=task_id, model=req.model, since=time.time(), reason=result.reason
-                    )
-                )
-                log.info("queued task_id=%s model=%s reason=%s", task_id, req.model, result.reason)
-            delay = min(2.0, svc.settings.queue_retry_s * (1 + attempt / 10))
-            return Retry(
-                min(delay, result.retry_s) if result.retry_s is not None else delay,
-                result.reason,
-                failure=False,
-            )
-        placed_at = time.time()
-        for victim in result.evict:
-            await request_evict(svc, victim, result.node_id, f"make room for {req.model}")
-        await bus.publish(
-            svc.js,
-            Event(
-                "model.load",
-                ModelLoad(
-                    model=req.model, node=result.node_id, reason="chat", task_id=task_id
-                ).model_dump(),
-            ),
-            msg_id=f"{task_id}.load.{attempt}",
-        )
-        log.info(
-            "placed task_id=%s model=%s node=%s evict=%s policy=%s",
-            task_id,
-            req.model,
-            result.node_id,
-            list(result.evict),
-            svc.settings.policy,
-        )
-        record, _ = await svc.fleet.get(result.node_id)
-    if task.state == "queued":
-        await svc.tasks.dequeue(task_id)
-    queue_ms = (placed_at - task.created_at) * 1000
-
-    node_id = record.node_id
-    slot = record.models.get(req.model)
-    load_ms = 0.0
-    if slot is not None and slot.state == "loading":
-        task.state, task.node, task.updated_at = "loading", node_id, time.time()
-        await svc.tasks.put(task)
-        try:
-            record = await _wait_ready(svc, node_id, req.model)
-        except TimeoutError as exc:
-            await svc.fleet.update(
-                node_id, lambda r: state.release_lease(r, req.model, task_id, time.time(), 0)
-            )
-            return Retry(backoff(attempt), str(exc))
+    # 1. Acquire: a lease on a ready or loading copy, a placement, or a parked wait.
+    held = await _acquire(run, event, req, info)
+    if not isinstance(held, Held):
+        return held
+    if run.rec.waiter_seq is not None:
+        await svc.waiting.remove(run.rec.waiter_seq)
+        run.rec.waiter_seq = None
+    queue_ms = (held.placed_at - run.rec.created_at) * 1000
+    record, node_id = held.record, held.record.node_id
+    keeper = asyncio.create_task(_keep(run, node_id, req.model))
+    keep_alive = (
+        svc.settings.keep_alive_s if req.options.keep_alive_s is None else req.options.keep_alive_s
+    )
+    try:
+        load_ms = 0.0
         slot = record.models.get(req.model)
-        if slot is None:
-            err = record.errors.get(req.model, "the load was abandoned")
-            await _fail(svc, task, "load_failed", f"{req.model} on {node_id}: {err}")
-            return Done("load failed")
-        load_ms = (time.time() - placed_at) * 1000
+        if slot is not None and slot.state == "loading":
+            await run.save(state="loading", node=node_id, waiter_seq=None)
+            try:
+                record = await svc.fleet.wait_for(
+                    node_id,
+                    lambda r: (s := r.models.get(req.model)) is None or s.state != "loading",
+                    svc.settings.load_timeout_s,
+                )
+            except TimeoutError as exc:
+                await _release(svc, node_id, req.model, task_id, keep_alive)
+                return Retry(5.0, str(exc))
+            if req.model not in record.models:
+                err = record.errors.get(req.model, "the load was abandoned")
+                await _fail(run, "load_failed", f"{req.model} on {node_id}: {err}")
+                return Done("load failed")
+            load_ms = (time.time() - held.placed_at) * 1000
 
-    # 2. Stream.
-    task.state, task.node, task.updated_at = "running", node_id, time.time()
-    # Recorded while the runtime starts on the prompt, not before it (it is only a status).
-    running_saved = asyncio.create_task(svc.tasks.put(task.model_copy()))
-    runtime = svc.runtime(record.runtime, record.url)
-    renew = asyncio.create_task(_renew(svc, node_id, req.model, task_id))
+        # 2. Stream.
+        return await _stream(run, req, record, queue_ms, load_ms, keep_alive)
+    finally:
+        keeper.cancel()
+
+
+async def _stream(
+    run: Run,
+    req: ChatRequested,
+    record: NodeRecord,
+    queue_ms: float,
+    load_ms: float,
+    keep_alive: float,
+) -> Outcome:
+    svc, task_id, node_id = run.svc, run.rec.task_id, record.node_id
+    runs = run.rec.runs + 1
+    # Recorded while the runtime starts on the prompt (it is only a status).
+    running_saved = asyncio.create_task(
+        run.save(state="running", node=node_id, runs=runs, waiter_seq=None)
+    )
+    runtime = svc.runtime(record.runtime, record.url, record.runtime_log)
     messages = [m.model_dump() for m in req.messages]
     pieces: list[str] = []
     t_stream = time.time()
@@ -264,48 +479,41 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             if first_at is None:
                 first_at = time.time()
             token = ChatToken(
-                chat_id=req.chat_id, task_id=task_id, seq=len(pieces), text=text, attempt=attempt
+                chat_id=req.chat_id, task_id=task_id, seq=len(pieces), text=text, attempt=runs
             )
             await bus.publish_fast(
                 svc.nc, Event("chat.token", token.model_dump()), chat_id=req.chat_id
             )
             pieces.append(text)
     except RuntimeFailure as exc:
-        renew.cancel()
         await running_saved  # so the failed state is written after it, never before
-        await svc.fleet.update(
-            node_id,
-            lambda r: state.release_lease(
-                r, req.model, task_id, time.time(), svc.settings.keep_alive_s
-            ),
-        )
-        if exc.code == "model_not_loaded" and attempt < 5:
-            return Retry(backoff(attempt), f"runtime lost {req.model}: {exc}")
-        await _fail(svc, task, exc.code, str(exc))
+        await _release(svc, node_id, req.model, task_id, keep_alive)
+        if exc.code == "model_not_loaded" and not pieces and run.rec.runs < 3:
+            # The runtime lost the model before answering: reconcile drops the slot; retry.
+            return Retry(1.0, f"runtime lost {req.model}: {exc}")
+        await _fail(run, exc.code, str(exc), text="".join(pieces))
         return Done("runtime failure reported")
-    except Exception:
-        renew.cancel()
+    except BaseException:
         await asyncio.gather(running_saved, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await _release(svc, node_id, req.model, task_id, keep_alive)
         raise
-    renew.cancel()
     await running_saved
     end = time.time()
-    keep_alive = req.options.keep_alive_s
     first_at = first_at or end
     gen_s = max(1e-6, end - first_at)
     stats = ChatStats(
         queue_ms=round(queue_ms, 1),
         load_ms=round(load_ms, 1),
-        ttft_ms=round((first_at - task.created_at) * 1000, 1),
-        total_ms=round((end - task.created_at) * 1000, 1),
+        ttft_ms=round((first_at - run.rec.created_at) * 1000, 1),
+        total_ms=round((end - run.rec.created_at) * 1000, 1),
         tokens=len(pieces),
         tokens_per_s=round((len(pieces) - 1) / gen_s, 1) if len(pieces) > 1 else 0.0,
         node=node_id,
         model=req.model,
-        attempt=attempt,
+        attempt=runs,
     )
-    task.state, task.updated_at = "done", end
-    task.timings = {
+    timings = {
         "queue_ms": stats.queue_ms,
         "load_ms": stats.load_ms,
         "ttft_ms": stats.ttft_ms,
@@ -313,23 +521,10 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         "stream_ms": round((end - t_stream) * 1000, 1),
     }
     done = ChatCompleted(chat_id=req.chat_id, task_id=task_id, text="".join(pieces), stats=stats)
-    # Three independent writes, together. If this worker dies between them, the message is
-    # not acked: the redelivery finds no `done` task, re-runs, and its chat.completed carries
-    # the same Nats-Msg-Id, so the client still sees one end; a lease left behind expires.
-    await asyncio.gather(
-        svc.fleet.update(
-            node_id,
-            lambda r: state.release_lease(
-                r,
-                req.model,
-                task_id,
-                end,
-                svc.settings.keep_alive_s if keep_alive is None else keep_alive,
-            ),
-        ),
-        svc.tasks.put(task),
-        bus.publish(svc.js, Event("chat.completed", done.model_dump()), msg_id=f"{task_id}.end"),
-    )
+    # 3. Finish: the end stored and published, then the lease released. If this worker dies
+    # in between, the redelivery re-sends the stored end and a lease left behind expires.
+    await _end(run, "chat.completed", done.model_dump(), state="done", timings=timings)
+    await _release(svc, node_id, req.model, task_id, keep_alive)
     log.info(
         "chat.completed task_id=%s chat_id=%s model=%s node=%s tokens=%d ttft_ms=%.0f",
         task_id,

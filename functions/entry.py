@@ -8,23 +8,26 @@ outcome's status: 200 done, 503 + Retry-After retry, 422 reject (dead-letter).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
 
 import functions_framework.aio as ffa
-from cloudevents.http import from_http
 from starlette.requests import Request
 from starlette.responses import Response
 
-from events.codec import CORE_ATTRS, Event
+from events.bus import CONSUMERS
+from events.codec import CodecError, Event, decode
+from events.dispatcher import Dispatcher, in_process, over_http
 from events.outcome import Outcome, Reject, to_http
 
 from . import chat, evict, load, reconcile
-from .context import Services, shared_services
+from .services import Services, shared_services
 
 Handler = Callable[[Services, Event, int], Awaitable[Outcome]]
+GiveUpHook = Callable[[Services, Event, str], Awaitable[None]]
+# What a function does when the dispatcher dead-letters its event after repeated failures.
+GIVE_UP: dict[str, GiveUpHook] = {"chat": chat.give_up}
 HANDLERS: dict[str, Handler] = {
     "chat": chat.handle,
     "load": load.handle,
@@ -33,24 +36,21 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-def _to_event(headers: dict[str, str], body: bytes) -> Event:
-    ce = from_http(headers, body)
-    attrs = dict(ce.get_attributes())
-    core = {k: attrs.pop(k, None) for k in CORE_ATTRS}
-    data = ce.get_data()
-    if isinstance(data, (bytes, bytearray)) and data:
-        data = json.loads(data)
-    return Event(
-        type=str(core["type"]),
-        data=data,
-        id=str(core["id"]),
-        source=str(core["source"]),
-        specversion=str(core["specversion"]),
-        time=core["time"],
-        subject=core["subject"],
-        datacontenttype=core["datacontenttype"],
-        extensions={k: str(v) for k, v in attrs.items()},
-    )
+def dispatcher(svc: Services, name: str, url: str | None = None) -> Dispatcher:
+    """The dispatcher of function `name`: in-process, or over HTTP to its server at `url`
+    (as Knative delivers); a dead-lettered event goes to the function's give-up hook."""
+    if url is not None:
+        deliver = over_http(url)
+    else:
+        handler = HANDLERS[name]
+        deliver = in_process(lambda e, a: handler(svc, e, a))
+    hook = GIVE_UP.get(name)
+
+    async def give_up(event: Event, reason: str) -> None:
+        if hook is not None:
+            await hook(svc, event, reason)
+
+    return Dispatcher(svc.js, CONSUMERS[name], deliver, give_up=give_up if hook else None)
 
 
 _logging_ready = False
@@ -69,17 +69,29 @@ def _configure_logging() -> None:
         _logging_ready = True
 
 
+def _attempt(headers: dict[str, str]) -> int:
+    try:
+        return max(1, int(headers.get("x-oa-delivery-attempt", "1")))
+    except ValueError:
+        return 1
+
+
 async def _serve(name: str, request: Request) -> Response:
     _configure_logging()
     body = await request.body()
     headers = dict(request.headers)
     try:
-        event = _to_event(headers, body)
-    except Exception as exc:  # the SDK raises several types for malformed input
-        outcome: Outcome = Reject(f"malformed CloudEvent: {exc}")
+        event = decode(headers, body)  # the same decoder as the NATS path
+    except CodecError as exc:
+        outcome: Outcome = Reject(f"malformed event: {exc}")
     else:
-        attempt = int(headers.get("x-oa-delivery-attempt", "1") or 1)
-        outcome = await HANDLERS[name](await shared_services(), event, attempt)
+        expected = CONSUMERS[name].event_type
+        if event.type != expected:
+            outcome = Reject(f"the {name} function takes {expected!r} events, got {event.type!r}")
+        else:
+            svc = await shared_services()
+            deliver = in_process(lambda e, a: HANDLERS[name](svc, e, a))
+            outcome = await deliver(event, _attempt(headers))
     status, extra, text = to_http(outcome)
     return Response(text, status_code=status, headers=extra, media_type="text/plain")
 

@@ -11,25 +11,31 @@ import time
 
 from pydantic import ValidationError
 
+from domain import state
+from domain.state import TransitionError
 from events import bus
 from events.codec import Event
 from events.outcome import Done, Outcome, Reject, Retry
 from events.types import ModelEvict, ModelEvicted
+from runtimes.base import RuntimeFailure
 
-from . import state
-from .context import Services
-from .runtimes.base import RuntimeFailure
-from .state import TransitionError
+from .services import Services
 
 log = logging.getLogger("functions.evict")
 
 
 async def request_evict(
-    svc: Services, model: str, node: str, reason: str, msg_id: str | None = None
+    svc: Services,
+    model: str,
+    node: str,
+    reason: str,
+    gen: int | None = None,
+    msg_id: str | None = None,
 ) -> None:
-    """Publish `model.evict` for a slot that a CAS has already marked `evicting`."""
-    event = Event("model.evict", ModelEvict(model=model, node=node, reason=reason).model_dump())
-    await bus.publish(svc.js, event, msg_id=msg_id)
+    """Publish `model.evict` for a slot that a CAS has already marked `evicting`; with `gen`,
+    only that copy is unloaded (a late re-send never unloads a newer one)."""
+    data = ModelEvict(model=model, node=node, reason=reason, gen=gen).model_dump()
+    await bus.publish(svc.js, Event("model.evict", data), msg_id=msg_id)
 
 
 async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
@@ -44,6 +50,10 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     ]
     if not records:
         return Done(f"{req.model} is not resident" + (f" on {req.node}" if req.node else ""))
+    if req.gen is not None:
+        records = [r for r in records if r.models[req.model].gen == req.gen]
+        if not records:
+            return Done(f"stale evict: copy {req.gen} of {req.model} is gone")
     for record in records:
         slot = record.models[req.model]
         if slot.state == "loading":
@@ -60,11 +70,12 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         t0 = time.perf_counter()
         try:
             await runtime.unload(req.model, svc.settings.unload_timeout_s)
-        except (RuntimeFailure, TimeoutError, OSError) as exc:
+        except (RuntimeFailure, TimeoutError) as exc:
             return Retry(2.0, f"unload of {req.model} on {record.node_id} failed: {exc}")
         evict_ms = (time.perf_counter() - t0) * 1000
         freed = record.models[req.model].bytes
-        await svc.fleet.update(record.node_id, lambda r: state.remove(r, req.model))
+        gen = record.models[req.model].gen
+        await svc.fleet.update(record.node_id, lambda r, g=gen: state.remove_gen(r, req.model, g))
         await bus.publish(
             svc.js,
             Event(
@@ -86,4 +97,5 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             evict_ms,
             req.reason,
         )
+        await svc.waiting.wake_heads(f"evicted.{record.node_id}.{gen}")
     return Done()

@@ -1,7 +1,10 @@
 """The load function: `model.load` -> the runtime loads the model -> slot `ready`, `model.loaded`.
 
-With a node (a placement the chat function committed) it waits for that node's evictions to
-finish, then loads. Without a node (a manual `ollama-autoscaler load M`) it plans first.
+With a node and a gen (a placement the chat function committed) it loads that slot once the
+node's evictions have finished — never while they are pending. Otherwise (a manual
+`ollama-autoscaler load M [--node N]`) it plans first, on that node if one is named.
+Afterwards it wakes the parked requests: those for the model when it is ready, every head when
+a failed load gave its memory back.
 """
 
 from __future__ import annotations
@@ -12,41 +15,55 @@ import time
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from pydantic import ValidationError
 
+from domain import planner, state
+from domain.state import NodeRecord, TransitionError
 from events import bus
 from events.codec import Event
 from events.outcome import Done, Outcome, Reject, Retry
 from events.types import ModelLoad, ModelLoaded
+from runtimes import RuntimeFailure
 
-from . import planner, state
-from .context import Services
 from .evict import request_evict
-from .runtimes.base import RuntimeFailure
-from .state import NodeRecord
+from .services import Services
 
 log = logging.getLogger("functions.load")
 
 
-async def _place(svc: Services, req: ModelLoad) -> str | Outcome:
+async def _place(svc: Services, req: ModelLoad) -> tuple[str, int] | Outcome:
     info = await svc.catalog.get(req.model)
     if info is None:
         return Reject(f"unknown model {req.model!r}: not in the catalog")
     for record, _ in await svc.fleet.nodes():
-        if req.model in record.models:
-            return Done(f"{req.model} already {record.models[req.model].state} on {record.node_id}")
+        if req.model in record.models and req.node in (None, record.node_id):
+            slot = record.models[req.model]
+            return Done(f"{req.model} already {slot.state} on {record.node_id}")
+    if req.node is not None:
+        try:
+            await svc.fleet.get(req.node)
+        except (KeyNotFoundError, KeyDeletedError, ValueError):
+            return Reject(f"unknown node {req.node!r}")
     result = await svc.fleet.place(
         planner.PlanRequest(req.model, info.bytes),
         time.time(),
         svc.settings.policy,
         None,
         reason=req.reason,
+        only_node=req.node,
     )
     if isinstance(result, planner.Reject):
         return Reject(result.reason)
     if isinstance(result, planner.Queue):
-        return Retry(1.0, result.reason, failure=False)
+        return Reject(f"cannot load {req.model} now: {result.reason}")
+    record, _ = await svc.fleet.get(result.node_id)
     for victim in result.evict:
-        await request_evict(svc, victim, result.node_id, f"make room for {req.model}")
-    return result.node_id
+        await request_evict(
+            svc,
+            victim,
+            result.node_id,
+            f"make room for {req.model}",
+            gen=record.models[victim].gen,
+        )
+    return result.node_id, record.models[req.model].gen
 
 
 async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
@@ -54,42 +71,51 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         req = ModelLoad.model_validate(event.data)
     except ValidationError as exc:
         return Reject(f"invalid model.load data: {exc.errors(include_url=False)}")
-    node_id = req.node
-    if node_id is None:
+    if req.node is None or req.gen is None:
         placed = await _place(svc, req)
-        if not isinstance(placed, str):
+        if not isinstance(placed, tuple):
             return placed
-        node_id = placed
+        node_id, gen = placed
+    else:
+        node_id, gen = req.node, req.gen
     try:
-        record, _ = await svc.fleet.get(node_id)
+        record = await svc.fleet.update(
+            node_id, lambda r: state.mark_load_seen(r, req.model, gen, time.time())
+        )
     except (KeyNotFoundError, KeyDeletedError, ValueError):
         return Reject(f"unknown node {node_id!r}")
-    slot = record.models.get(req.model)
-    if slot is None or slot.state != "loading":
-        return Done(f"nothing to load: {req.model} is {slot.state if slot else 'absent'}")
+    except TransitionError as exc:
+        return Done(f"nothing to load: {exc}")
 
     def no_evictions(r: NodeRecord) -> bool:
         return not any(s.state == "evicting" for s in r.models.values())
 
-    try:
-        if not no_evictions(record):
+    if not no_evictions(record):
+        try:
             await svc.fleet.wait_for(node_id, no_evictions, svc.settings.unload_timeout_s)
-    except TimeoutError:
-        log.warning("load of %s on %s proceeds with evictions still pending", req.model, node_id)
-    runtime = svc.runtime(record.runtime, record.url)
+        except TimeoutError:
+            # Loading now could over-commit the runtime's memory: try again later (reconcile
+            # re-sends the stuck evictions meanwhile).
+            return Retry(5.0, f"evictions on {node_id} still pending; {req.model} waits")
+    runtime = svc.runtime(record.runtime, record.url, record.runtime_log)
     t0 = time.perf_counter()
     try:
         await runtime.load(req.model, svc.settings.load_timeout_s)
-    except (RuntimeFailure, TimeoutError, OSError) as exc:
-        error = f"{exc.__class__.__name__}: {exc}"
+    except (RuntimeFailure, TimeoutError) as exc:
+        error = str(exc)
         log.error("load failed model=%s node=%s error=%s", req.model, node_id, error)
-        await svc.fleet.update(node_id, lambda r: state.remove(r, req.model, error=error))
+        await svc.fleet.update(node_id, lambda r: state.remove_gen(r, req.model, gen, error))
+        await svc.waiting.wake_heads(f"load-failed.{node_id}.{gen}")
         return Done(f"load failed: {error}")
     load_ms = (time.perf_counter() - t0) * 1000
     keep_alive = svc.settings.keep_alive_s
-    record = await svc.fleet.update(
-        node_id, lambda r: state.mark_ready(r, req.model, load_ms, time.time(), keep_alive)
-    )
+    try:
+        record = await svc.fleet.update(
+            node_id,
+            lambda r: state.mark_ready(r, req.model, load_ms, time.time(), keep_alive, gen=gen),
+        )
+    except TransitionError as exc:
+        return Done(f"loaded, but the slot is gone: {exc}")
     nbytes = record.models[req.model].bytes
     await bus.publish(
         svc.js,
@@ -99,6 +125,8 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
                 model=req.model, node=node_id, bytes=nbytes, load_ms=round(load_ms, 1)
             ).model_dump(),
         ),
+        msg_id=f"loaded.{node_id}.{gen}",
     )
     log.info("model.loaded model=%s node=%s load_ms=%.0f", req.model, node_id, load_ms)
+    await svc.waiting.wake_heads(f"loaded.{node_id}.{gen}", models={req.model})
     return Done()

@@ -4,7 +4,10 @@
 - idle models past their keep-alive are evicted (never active, loading or pinned ones);
 - drift between KV and what the runtime really has loaded is repaired: KV `ready` that the
   runtime lost is dropped, a model the runtime loaded behind our back is adopted as idle;
-- `loading` that outlived the load timeout is dropped, a stuck `evicting` is re-sent.
+- `loading` that outlived the load timeout is dropped, a load no load function took in hand
+  (its sender died before publishing it) is re-sent, a stuck `evicting` is re-sent;
+- parked requests: a ghost (its task ended or is gone) is removed, a deferral that ended and a
+  waiter whose run died are woken; anything that freed memory wakes the waiters.
 """
 
 from __future__ import annotations
@@ -12,16 +15,20 @@ from __future__ import annotations
 import logging
 import time
 
+from domain import planner, state
+from domain.state import NodeRecord, Slot, TransitionError
+from events import bus
 from events.codec import Event
 from events.outcome import Done, Outcome
+from events.types import ModelLoad
+from stores.tasks import TERMINAL
 
-from . import planner, state
-from .context import Services
 from .evict import request_evict
-from .state import NodeRecord, Slot, TransitionError
+from .services import Services
 
 log = logging.getLogger("functions.reconcile")
 EVICT_RESEND_S = 60.0
+LOAD_RESEND_S = 10.0
 NODE_FORGET_S = 600.0
 
 
@@ -75,20 +82,33 @@ async def reconcile_node(svc: Services, record: NodeRecord, now: float) -> list[
                 )
             except TransitionError:
                 continue
-            await request_evict(svc, model, node_id, "keep_alive expired")
+            await request_evict(svc, model, node_id, "keep_alive expired", gen=slot.gen)
             actions.append(f"keep-alive expired: {model}")
         elif slot.state == "loading" and now - slot.since > svc.settings.load_timeout_s + 30:
             await svc.fleet.update(
                 node_id, lambda r, m=model: state.remove_if(r, m, "loading", "load timed out")
             )
             actions.append(f"dropped stuck load of {model}")
+        elif (
+            slot.state == "loading"
+            and slot.load_seen_at is None
+            and now - slot.since > LOAD_RESEND_S
+        ):
+            data = ModelLoad(model=model, node=node_id, reason="re-sent by reconcile", gen=slot.gen)
+            await bus.publish(
+                svc.js,
+                Event("model.load", data.model_dump()),
+                msg_id=f"load.{node_id}.{slot.gen}.r{int(now // LOAD_RESEND_S)}",
+            )
+            actions.append(f"re-sent load of {model}: no load function took it")
         elif slot.state == "evicting" and now - slot.since > EVICT_RESEND_S:
             await request_evict(
                 svc,
                 model,
                 node_id,
                 "evict re-sent by reconcile",
-                msg_id=f"reconcile.{node_id}.{model}.{int(now // EVICT_RESEND_S)}",
+                gen=slot.gen,
+                msg_id=f"reconcile.{node_id}.{slot.gen}.{int(now // EVICT_RESEND_S)}",
             )
             actions.append(f"re-sent evict of {model}")
     if loaded:
@@ -103,9 +123,27 @@ async def reconcile_node(svc: Services, record: NodeRecord, now: float) -> list[
     return actions
 
 
+async def reconcile_waiters(svc: Services, now: float) -> list[str]:
+    actions: list[str] = []
+    for w in await svc.waiting.all():
+        got = await svc.tasks.get(w.source, w.task_id)
+        rec = got.record if got else None
+        if rec is None or rec.state in TERMINAL or rec.waiter_seq not in (None, w.seq):
+            await svc.waiting.remove(w.seq)
+            actions.append(f"removed ghost waiter {w.task_id} ({rec.state if rec else 'no task'})")
+        elif rec.state == "queued" and rec.wake_at is not None and rec.wake_at <= now:
+            await svc.waiting.wake(w, f"deferral.{int(rec.wake_at)}")
+            actions.append(f"woke {w.task_id}: its deferral ended")
+        elif rec.state != "queued" and rec.owner_until < now:
+            await svc.waiting.wake(w, f"orphan.{int(now // 30)}")
+            actions.append(f"woke {w.task_id}: its run stopped")
+    return actions
+
+
 async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     now = time.time()
     done: list[str] = []
+    freed = False
     for record, rev in await svc.fleet.nodes():
         if now - record.heartbeat_at > NODE_FORGET_S:
             # Gone for good (scaled down, or a previous local run): its residency can never
@@ -122,4 +160,10 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         for action in await reconcile_node(svc, record, now):
             done.append(f"{record.node_id}: {action}")
             log.info("reconcile node=%s %s", record.node_id, action)
+            freed = freed or action.startswith(("expired", "dropped"))
+    for action in await reconcile_waiters(svc, now):
+        done.append(action)
+        log.info("reconcile %s", action)
+    if freed:
+        await svc.waiting.wake_heads(f"reconcile.{int(now)}")
     return Done("; ".join(done))

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from autoscaler.stack import _bin, free_port
 from events import bus
 from events.codec import Event, decode
+from stack.local import _bin, free_port
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -109,7 +109,7 @@ async def fake_ollama() -> AsyncIterator[tuple[Any, str]]:
     """The WIRE-LEVEL FAKE of Ollama's HTTP API (not Ollama), served by uvicorn on a free port."""
     import uvicorn
 
-    from functions.runtimes.fake_ollama import FakeOllama
+    from tests.fakes.ollama import FakeOllama
 
     state = FakeOllama()
     port = free_port()

@@ -9,7 +9,7 @@ import pytest
 
 from bench import planner as bench_planner
 from bench.catalog import load_catalog
-from functions.planner import Candidate, min_cost_cover
+from domain.planner import Candidate, min_cost_cover
 
 
 def test_catalog_has_the_real_models():

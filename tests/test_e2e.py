@@ -19,12 +19,13 @@ import httpx
 import pytest
 
 from autoscaler.client import ChatSession, chat
-from autoscaler.stack import LocalStack, StackConfig
 from events import bus
 from events.codec import Event, to_structured
 from events.types import ChatRequested
-from functions.context import Settings
-from functions.tasks import Tasks
+from functions.services import Settings
+from stack.local import LocalStack, StackConfig
+from stores.tasks import Tasks
+from stores.waiting import Waiting
 
 from .conftest import ROOT, Collector, wait_until
 
@@ -60,7 +61,7 @@ async def make_stack(tmp_path) -> AsyncIterator[StackFactory]:
             functions=functions,
             tick_s=1.0,
             ack_wait_s=ack_wait_s,
-            settings=Settings(queue_retry_s=0.2),
+            settings=Settings(),
         )
         stack = LocalStack(cfg)
         stacks.append(stack)
@@ -100,11 +101,11 @@ async def test_chat_streams_real_text_with_contiguous_seq_and_one_completed(make
     assert stats["tokens"] > 0 and result.text().strip()
     assert result.text() == result.end.data["text"]
     assert stats["node"] == "node-0" and stats["ttft_ms"] > 0 and stats["load_ms"] > 0
-    tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET))
+    tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET), nc.jetstream())
 
     async def task_state() -> str | None:
-        rec = await tasks.get(result.task_id)
-        return rec.state if rec and rec.state in ("done", "failed") else None
+        found = await tasks.find(result.task_id)
+        return found[0].state if found and found[0].state in ("done", "failed") else None
 
     # The task record is written beside chat.completed, not before it: wait for it.
     assert await wait_until(task_state, what="the task's final state") == "done"
@@ -129,7 +130,7 @@ async def test_second_model_evicts_the_idle_first_on_a_node_that_fits_one(make_s
 
 async def test_request_waits_queued_while_the_only_model_is_active(make_stack):
     _stack, nc = await make_stack(node_memory=600 * MIB)
-    tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET))
+    tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET), nc.jetstream())
     long = await ChatSession(
         nc,
         ChatRequested(
@@ -149,22 +150,22 @@ async def test_request_waits_queued_while_the_only_model_is_active(make_stack):
             options={"max_tokens": 8},
         ),
     ).start()
-    rec = await wait_until(lambda: tasks.get(waiting.result.task_id), what="task B recorded")
+    rec = await wait_until(lambda: tasks.find(waiting.result.task_id), what="task B recorded")
     await wait_until(lambda: _is_queued(tasks, waiting.result.task_id), timeout=30, what="B queued")
     assert not long.done, "A finished before B was seen queued; the test proves nothing"
-    queue = await tasks.queue()
-    assert [q.task_id for q in queue] == [waiting.result.task_id]
+    parked = Waiting(nc.jetstream())
+    assert [w.task_id for w in await parked.all()] == [waiting.result.task_id]
     a = await long.wait(timeout=400)
     b = await waiting.wait(timeout=400)
     assert a.end.type == "chat.completed" and b.end.type == "chat.completed", b.end.data
     assert b.end.data["stats"]["queue_ms"] > 0 and rec is not None
-    assert await tasks.queue() == []
+    assert await parked.all() == []
     await nc.close()
 
 
 async def _is_queued(tasks: Tasks, task_id: str) -> bool:
-    rec = await tasks.get(task_id)
-    return rec is not None and rec.state == "queued"
+    found = await tasks.find(task_id)
+    return bool(found) and found[0].state == "queued"
 
 
 async def test_bad_events_go_to_dead_letter_and_the_next_good_one_is_served(make_stack):
@@ -229,8 +230,6 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack,
                 "worker",
                 "--functions",
                 "chat",
-                "--ack-wait",
-                "3",
             ],
             cwd=ROOT,
             start_new_session=True,

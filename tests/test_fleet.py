@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+from domain import planner, state
+from domain.state import NodeRecord
 from events import bus
 from events.keys import node_key
-from functions import planner, state
-from functions.fleet import Fleet
-from functions.state import NodeRecord
+from stores.fleet import Fleet
 
 MIB = 1 << 20
 

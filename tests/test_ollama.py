@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from autoscaler.client import chat
-from autoscaler.stack import LocalStack, StackConfig
-from functions.context import Settings
-from functions.runtimes.base import RuntimeFailure
-from functions.runtimes.ollama import OllamaRuntime
+from functions.services import Settings
+from runtimes.base import RuntimeFailure
+from runtimes.ollama import OllamaRuntime
+from stack.local import LocalStack, StackConfig
 
 from .conftest import Collector, wait_until
 

@@ -7,9 +7,9 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from functions import planner
-from functions.planner import Candidate, Placement, PlanRequest, Queue, Reject
-from functions.state import NodeRecord, Slot
+from domain import planner
+from domain.planner import Candidate, Placement, PlanRequest, Queue, Reject
+from domain.state import NodeRecord, Slot
 
 GIB = 1 << 30
 NOW = 1_000_000.0

@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+from domain import state
+from domain.state import NodeRecord, Slot
 from events import bus
 from events.codec import Event
 from events.dispatcher import MAX_FAILED_DELIVERIES, Dispatcher, in_process
 from events.outcome import Done, Reject, Retry
-from functions import reconcile, state
-from functions.catalog import ModelInfo
-from functions.context import Settings, open_services
-from functions.state import NodeRecord, Slot
+from functions import reconcile
+from functions.services import Settings, open_services
+from stores.catalog import ModelInfo
 
 from .conftest import Collector, wait_until
 
@@ -138,8 +139,8 @@ async def test_dispatcher_outcomes_ack_retry_and_dead_letter(nats_url):
 async def test_node_agent_registration_forgets_residency_the_runtime_does_not_have(
     nats_url, fake_ollama
 ):
-    from functions.node_agent import NodeAgent
-    from functions.runtimes.ollama import OllamaRuntime
+    from agent.node import NodeAgent
+    from runtimes.ollama import OllamaRuntime
 
     fake, url = fake_ollama
     fake.loaded.clear()

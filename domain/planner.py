@@ -71,9 +71,11 @@ class Queue:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """The request can never be placed (bigger than every node); do not wait."""
+    """The request can never be placed (bigger than every node, or no node serves the
+    model); do not wait. `code` is the chat.failed error code."""
 
     reason: str
+    code: str = "model_too_large"
 
 
 @dataclass(frozen=True, slots=True)

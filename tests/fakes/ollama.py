@@ -4,7 +4,7 @@ Ollama cannot be installed here, so the Ollama adapter is tested against this AS
 written from Ollama's published API (docs/api.md; see shared/notes/ollama.md §2): the same
 paths, bodies, NDJSON streaming, error shapes and the asynchronous unload. It holds a fixed
 library of models and "generates" deterministic words. Run it with
-`python -m functions.runtimes.fake_ollama --port 11434`.
+`python -m tests.fakes.ollama --port 11434`.
 """
 
 from __future__ import annotations

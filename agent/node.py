@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 import psutil
 
-from .fleet import Fleet
-from .runtimes.base import Runtime
-from .state import NodeRecord
+from domain.state import NodeRecord
+from runtimes.base import Runtime
+from stores.fleet import Fleet
+from stores.waiting import Waiting
 
-log = logging.getLogger("functions.node_agent")
+log = logging.getLogger("agent.node")
 MemoryProbe = Callable[[], int | None]
 
 
@@ -38,12 +39,13 @@ def nvml_probe(index: int = 0) -> MemoryProbe | None:
     return probe
 
 
-def process_tree_probe(pid: int, capacity_bytes: int) -> MemoryProbe:
-    """Capacity minus the RSS of `pid`'s children (the model processes)."""
+def process_tree_probe(pid: Callable[[], int], capacity_bytes: int) -> MemoryProbe:
+    """Capacity minus the RSS of the runtime's children (the model processes); `pid` gives
+    the runtime's current process (it changes when the runtime is restarted)."""
 
     def probe() -> int | None:
         try:
-            children = psutil.Process(pid).children(recursive=True)
+            children = psutil.Process(pid()).children(recursive=True)
         except psutil.NoSuchProcess:
             return None
         used = 0
@@ -66,9 +68,13 @@ class NodeAgent:
         capacity_bytes: int,
         probe: MemoryProbe | None = None,
         interval_s: float = 2.0,
+        runtime_log: str | None = None,
+        waiting: Waiting | None = None,
     ) -> None:
         self.fleet, self.node_id, self.runtime = fleet, node_id, runtime
         self.capacity_bytes, self.probe, self.interval_s = capacity_bytes, probe, interval_s
+        self.runtime_log = runtime_log
+        self.waiting = waiting  # woken when the node (re)joins: its memory is free
 
     async def register(self) -> NodeRecord:
         """First beat after the runtime (re)started: forget residency it cannot have.
@@ -77,10 +83,16 @@ class NodeAgent:
         just started empty; keeping them would hold phantom memory until reconcile caught up.
         """
         loaded = await self.runtime.loaded()
-        return await self.beat(await self.runtime.available(), keep_only=set(loaded))
+        record = await self.beat(await self.runtime.available(), keep_only=set(loaded), fresh=True)
+        if self.waiting is not None:
+            await self.waiting.wake_heads(f"join.{self.node_id}.{int(time.time())}")
+        return record
 
     async def beat(
-        self, available: list[str] | None = None, keep_only: set[str] | None = None
+        self,
+        available: list[str] | None = None,
+        keep_only: set[str] | None = None,
+        fresh: bool = False,
     ) -> NodeRecord:
         measured = self.probe() if self.probe else None
         now = time.time()
@@ -92,8 +104,11 @@ class NodeAgent:
             new.capacity_bytes = self.capacity_bytes
             if available is not None:
                 new.available = available
+            new.runtime_log = self.runtime_log
             if keep_only is not None:
                 new.models = {m: s for m, s in new.models.items() if m in keep_only}
+            if fresh:
+                new.errors = {}  # a previous run's load errors say nothing about this one
             return new
 
         fresh = NodeRecord(
@@ -104,6 +119,7 @@ class NodeAgent:
             measured_free_bytes=measured,
             heartbeat_at=now,
             available=available or [],
+            runtime_log=self.runtime_log,
         )
         return await self.fleet.upsert(fresh, transition)
 

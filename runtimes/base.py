@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
+
+import httpx
 
 
 class RuntimeFailure(RuntimeError):
@@ -56,13 +59,10 @@ async def poll_until(
         await asyncio.sleep(interval)
 
 
-def make_runtime(kind: str, url: str) -> Runtime:
-    if kind == "llamacpp":
-        from .llamacpp import LlamaCppRuntime
-
-        return LlamaCppRuntime(url)
-    if kind == "ollama":
-        from .ollama import OllamaRuntime
-
-        return OllamaRuntime(url)
-    raise ValueError(f"unknown runtime kind {kind!r}; use 'llamacpp' or 'ollama'")
+@contextmanager
+def http_errors(url: str, what: str, code: str = "runtime_unreachable") -> Iterator[None]:
+    """Turn a transport error talking to a runtime into a RuntimeFailure with `code`."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise RuntimeFailure(code, f"runtime at {url}: {what}: {exc!r}") from exc

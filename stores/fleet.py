@@ -18,13 +18,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from domain import planner
+from domain.state import NodeRecord, TransitionError, reserve
 from events.bus import FLEET_BUCKET, keys_matching
 from events.keys import node_key
 
-from . import planner
-from .state import NodeRecord, TransitionError, reserve
-
-log = logging.getLogger("functions.fleet")
+log = logging.getLogger("stores.fleet")
 NODE_LIST_TTL_S = 2.0
 
 Transition = Callable[[NodeRecord], NodeRecord]
@@ -127,7 +126,8 @@ class Fleet:
         while True:
             record, rev = guess if guess is not None else await self.get(node_id)
             guessed, guess = guess is not None, None
-            new, results = record, []
+            new = record
+            results: list[NodeRecord | TransitionError] = []
             for transition, _ in batch:
                 try:
                     new = transition(new)
@@ -187,13 +187,19 @@ class Fleet:
         policy: planner.Policy,
         task_id: str | None,
         reason: str = "",
+        only_node: str | None = None,
     ) -> planner.Placement | planner.Queue | planner.Reject:
-        """Plan and commit a placement with one CAS on the chosen node; re-plan on conflict."""
+        """Plan and commit a placement with one CAS on the chosen node (or on `only_node`);
+        re-plan on conflict."""
         for _ in range(100):
-            records = await self.nodes()
+            records = [rv for rv in await self.nodes() if only_node in (None, rv[0].node_id)]
             nodes = [r for r, _ in records if not r.available or req.model in r.available]
             if not nodes and records:
-                return planner.Reject(f"no node serves model {req.model!r}")
+                return planner.Reject(
+                    f"no node serves model {req.model!r}: it is in the catalog, but no "
+                    "registered runtime lists it (pull it on a node, or add a node that has it)",
+                    code="model_unavailable",
+                )
             result = planner.plan(req, nodes, now, policy)
             if not isinstance(result, planner.Placement):
                 return result
@@ -228,7 +234,7 @@ class Fleet:
                 if remaining <= 0:
                     raise TimeoutError(f"timed out after {timeout:.0f}s waiting on {node_id}")
                 try:
-                    entry = await watcher.updates(timeout=remaining)
+                    entry = await watcher.updates(timeout=remaining)  # type: ignore[no-untyped-call]
                 except nats.errors.TimeoutError:
                     continue
                 if entry is None or entry.value is None:
@@ -237,4 +243,4 @@ class Fleet:
                 if predicate(record):
                     return record
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]

@@ -2,7 +2,7 @@
 
 A node record is the value of KV key `node.<node_id>` in bucket `fleet`. Every change to a
 node's residency is a function old record -> new record, committed by one compare-and-set
-(see `functions.fleet`). Nothing here does I/O.
+(see `stores.fleet`). Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class Slot(BaseModel):
     rate: float = 0.0  # decayed requests/s at rate_at
     rate_at: float = 0.0
     reason: str = ""
+    gen: int = 0  # which copy: a later load of the same model on the node has a higher gen
+    load_seen_at: float | None = None  # when a load function took the load in hand
 
     @property
     def active(self) -> int:
@@ -50,6 +52,8 @@ class NodeRecord(BaseModel):
     models: dict[str, Slot] = Field(default_factory=dict)
     available: list[str] = Field(default_factory=list)  # models the runtime can load
     errors: dict[str, str] = Field(default_factory=dict)  # model -> last load error
+    next_gen: int = 1  # the gen of the next slot created on this node
+    runtime_log: str | None = None  # where the node agent sees the runtime's log, if it does
 
     def committed_bytes(self) -> int:
         return sum(s.bytes for s in self.models.values())
@@ -107,8 +111,15 @@ def reserve(
         slot.state, slot.since, slot.reason = "evicting", now, reason or f"make room for {model}"
     leases = {task_id: now + LEASE_TTL_S} if task_id else {}
     new.models[model] = Slot(
-        state="loading", bytes=nbytes, leases=leases, since=now, last_used=now, reason=reason
+        state="loading",
+        bytes=nbytes,
+        leases=leases,
+        since=now,
+        last_used=now,
+        reason=reason,
+        gen=new.next_gen,
     )
+    new.next_gen += 1
     new.errors.pop(model, None)
     return new
 
@@ -120,11 +131,12 @@ def mark_ready(
     now: float,
     keep_alive_s: float,
     nbytes: int | None = None,
+    gen: int | None = None,
 ) -> NodeRecord:
     new = _copy(node)
     slot = new.models.get(model)
-    if slot is None:
-        raise TransitionError(f"{model} has no slot on {node.node_id}")
+    if slot is None or (gen is not None and slot.gen != gen):
+        raise TransitionError(f"{model} (gen {gen}) has no slot on {node.node_id}")
     slot.state, slot.since, slot.load_ms = "ready", now, load_ms
     slot.keep_alive_until = now + keep_alive_s
     if nbytes is not None:
@@ -151,6 +163,12 @@ def remove(node: NodeRecord, model: str, error: str | None = None) -> NodeRecord
     if error:
         new.errors[model] = error
     return new
+
+
+def remove_gen(node: NodeRecord, model: str, gen: int, error: str | None = None) -> NodeRecord:
+    """Drop the slot only if it is still copy `gen` (not a newer load of the same model)."""
+    slot = node.models.get(model)
+    return remove(node, model, error) if slot and slot.gen == gen else node
 
 
 def remove_if(node: NodeRecord, model: str, in_state: SlotState, error: str) -> NodeRecord:
@@ -192,4 +210,14 @@ def expire_leases(node: NodeRecord, now: float) -> NodeRecord:
         for task_id, until in list(slot.leases.items()):
             if until < now:
                 del slot.leases[task_id]
+    return new
+
+
+def mark_load_seen(node: NodeRecord, model: str, gen: int, now: float) -> NodeRecord:
+    """A load function has taken this load in hand (so reconcile need not re-send it)."""
+    slot = node.models.get(model)
+    if slot is None or slot.state != "loading" or slot.gen != gen:
+        raise TransitionError(f"{model} (gen {gen}) is not loading on {node.node_id}")
+    new = _copy(node)
+    new.models[model].load_seen_at = now
     return new

@@ -13,13 +13,15 @@ from typing import Any
 
 import httpx
 
-from .base import RuntimeFailure, poll_until
+from .base import RuntimeFailure, http_errors, poll_until
 
 
 class OllamaRuntime:
     kind = "ollama"
 
-    def __init__(self, url: str, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, url: str, client: httpx.AsyncClient | None = None, log_path: object = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.client = client or httpx.AsyncClient(
             base_url=self.url, timeout=httpx.Timeout(10.0, read=600.0)
@@ -36,25 +38,29 @@ class OllamaRuntime:
         code = "unknown_model" if resp.status_code == 404 else f"{what}_failed"
         raise RuntimeFailure(code, f"ollama {resp.status_code} on {what} {model}: {message}")
 
+    async def _get(self, path: str) -> dict[str, Any]:
+        with http_errors(self.url, f"GET {path}"):
+            resp = await self.client.get(path)
+            resp.raise_for_status()
+            return dict(resp.json())
+
     async def available(self) -> list[str]:
-        resp = await self.client.get("/api/tags")
-        resp.raise_for_status()
-        return sorted(m["name"] for m in resp.json().get("models", []))
+        return sorted(m["name"] for m in (await self._get("/api/tags")).get("models", []))
 
     async def loaded(self) -> dict[str, str]:
-        resp = await self.client.get("/api/ps")
-        resp.raise_for_status()
-        return {m["name"]: "loaded" for m in resp.json().get("models", [])}
+        return {m["name"]: "loaded" for m in (await self._get("/api/ps")).get("models", [])}
 
     async def load(self, model: str, timeout: float) -> None:
         # An empty generate returns only once the model is loaded (done_reason "load").
-        resp = await self.client.post(
-            "/api/generate", json={"model": model, "keep_alive": -1}, timeout=timeout
-        )
+        with http_errors(self.url, f"load {model}"):
+            resp = await self.client.post(
+                "/api/generate", json={"model": model, "keep_alive": -1}, timeout=timeout
+            )
         self._raise_for(resp, model, "load")
 
     async def unload(self, model: str, timeout: float) -> None:
-        resp = await self.client.post("/api/generate", json={"model": model, "keep_alive": 0})
+        with http_errors(self.url, f"unload {model}"):
+            resp = await self.client.post("/api/generate", json={"model": model, "keep_alive": 0})
         if resp.status_code != 404:
             self._raise_for(resp, model, "unload")
 
@@ -84,21 +90,28 @@ class OllamaRuntime:
             "keep_alive": -1,
             "options": opts,
         }
-        async with self.client.stream("POST", "/api/chat", json=body) as resp:
-            if resp.status_code >= 400:
-                await resp.aread()
-                self._raise_for(resp, model, "chat")
-            async for line in resp.aiter_lines():
-                if not line.strip():
-                    continue
-                chunk = json.loads(line)
-                if "error" in chunk:  # mid-stream errors come as a line under HTTP 200
-                    raise RuntimeFailure("runtime", f"ollama: {chunk['error']}")
-                text = (chunk.get("message") or {}).get("content")
-                if text:
-                    yield text
-                if chunk.get("done"):
-                    return
+        finished = False
+        with http_errors(self.url, f"chat with {model} (the stream was cut)", "interrupted"):
+            async with self.client.stream("POST", "/api/chat", json=body) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    self._raise_for(resp, model, "chat")
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    chunk = json.loads(line)
+                    if "error" in chunk:  # mid-stream errors come as a line under HTTP 200
+                        raise RuntimeFailure("runtime_error", f"ollama: {chunk['error']}")
+                    text = (chunk.get("message") or {}).get("content")
+                    if text:
+                        yield text
+                    if chunk.get("done"):
+                        finished = True
+                        break
+        if not finished:
+            raise RuntimeFailure(
+                "interrupted", f"the stream from {model} on {self.url} ended without `done`"
+            )
 
     async def aclose(self) -> None:
         await self.client.aclose()

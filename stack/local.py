@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -22,28 +23,32 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import httpx
+import psutil
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from agent.node import NodeAgent, nvml_probe, process_tree_probe
 from events import bus
 from events.codec import Event
-from events.dispatcher import Dispatcher, in_process, over_http
-from functions.catalog import Catalog, ModelInfo
-from functions.context import Services, Settings, open_services
-from functions.entry import HANDLERS
-from functions.node_agent import NodeAgent, nvml_probe, process_tree_probe
-from functions.runtimes.base import make_runtime
+from events.dispatcher import Dispatcher
+from functions.entry import dispatcher
+from functions.services import Services, Settings, open_services
+from runtimes import make_runtime
+from stores.catalog import Catalog, ModelInfo
 
-from .assets import CACHE_DIR, ensure_gemma, ensure_llama_server
+from .assets import CACHE_DIR, describe_exit, ensure_gemma, ensure_llama_server
 
 log = logging.getLogger("autoscaler.stack")
 MIB = 1 << 20
 GIB = 1 << 30
 # One Gemma 3 270M child at ctx 2048 measured ~366 MB RSS here; 400 MiB leaves headroom.
 GEMMA_BYTES = 400 * MIB
+_BYTE_SIZE = TypeAdapter(ByteSize)
 DEFAULT_MODELS = ("gemma3-270m", "gemma3-270m-b", "gemma3-270m-c", "gemma3-270m-d")
 
 
@@ -60,25 +65,11 @@ QA_TEMPLATE = """\
 
 
 def parse_bytes(text: str) -> int:
-    """'1.5GiB', '700MiB', '2GB', '123' -> bytes."""
-    units = {
-        "kib": 1 << 10,
-        "mib": MIB,
-        "gib": GIB,
-        "tib": 1 << 40,
-        "kb": 10**3,
-        "mb": 10**6,
-        "gb": 10**9,
-        "tb": 10**12,
-        "b": 1,
-        "": 1,
-    }
-    s = text.strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num) :]
-    if unit not in units or not num:
-        raise ValueError(f"cannot read {text!r} as a size; try 1.5GiB, 700MiB or 2GB")
-    return int(float(num) * units[unit])
+    """'1.5GiB', '700MiB', '2GB', '123' -> bytes (pydantic's ByteSize: GiB = 2**30, GB = 10**9)."""
+    try:
+        return int(_BYTE_SIZE.validate_python(text))
+    except ValidationError:
+        raise ValueError(f"cannot read {text!r} as a size; try 1.5GiB, 700MiB or 2GB") from None
 
 
 def free_port() -> int:
@@ -141,7 +132,7 @@ class StackConfig:
     transport: str = "http"
     functions: tuple[str, ...] = ("chat", "load", "evict", "reconcile")
     tick_s: float = 5.0
-    settings: Settings = field(default_factory=Settings.from_env)
+    settings: Settings = field(default_factory=Settings)
     ack_wait_s: float | None = None
     ctx_size: int = 2048
     fresh: bool = False  # wipe JetStream state first
@@ -150,10 +141,67 @@ class StackConfig:
 
 @dataclass
 class Proc:
+    """A child the stack started and supervises: how to start it again and how to tell it is
+    ready, and what to do once it is back (e.g. re-register a node whose runtime restarted)."""
+
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
     where: str
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    ready: Callable[[Proc], Awaitable[None]] | None = None
+    on_restart: Callable[[], Awaitable[None]] | None = None
+    restarts: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+HEALTHY_AFTER_S = 60.0  # a child up this long has its backoff reset
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n      ".join(text.strip().splitlines()[-lines:])
+
+
+def kill_leftovers(pids_file: Path) -> list[str]:
+    """End the process groups a previous run of the stack left behind (its `up` was killed,
+    or a child's worker outlived its master and kept the port). Only groups whose processes
+    still run the recorded programs are touched."""
+    try:
+        recorded = json.loads(pids_file.read_text())
+    except (OSError, ValueError):
+        return []
+    ended = []
+    for entry in recorded:
+        pgid, program = int(entry["pgid"]), Path(entry["program"]).name
+        members = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.getpgid(proc.pid) == pgid and any(
+                    Path(part).name == program for part in (proc.info["cmdline"] or [])[:2]
+                ):
+                    members.append(proc)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        if not members:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        _, alive = psutil.wait_procs(members, timeout=5)
+        if alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        ended.append(f"{entry['name']} (pgid {pgid})")
+    pids_file.unlink(missing_ok=True)
+    return ended
 
 
 class LocalStack:
@@ -170,26 +218,97 @@ class LocalStack:
         self.runtime_urls: dict[str, str] = {}
         self.runtime_kinds: dict[str, str] = {}  # node_id -> kind, default llamacpp
         self._logs: list[IO[bytes]] = []
+        self.agents: dict[str, NodeAgent] = {}
+        self.pids_file = cfg.state_dir / "pids.json"
 
     # -- processes ---------------------------------------------------------------------------
+    def _popen(
+        self, argv: list[str], log_path: Path, env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        fh = open(log_path, "ab")
+        self._logs.append(fh)
+        return subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,  # its own process group: stopping it ends its children
+        )
+
     def _spawn(
-        self, name: str, argv: list[str], where: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        where: str,
+        env: dict[str, str] | None = None,
+        ready: Callable[[Proc], Awaitable[None]] | None = None,
     ) -> Proc:
         logs = self.cfg.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
-        fh = open(log_path, "ab")
-        self._logs.append(fh)
-        popen = subprocess.Popen(
-            argv,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-        proc = Proc(name, popen, log_path, where)
+        popen = self._popen(argv, log_path, env or {})
+        proc = Proc(name, popen, log_path, where, argv, env or {}, ready)
         self.procs.append(proc)
+        self._write_pids()
         return proc
+
+    def _write_pids(self) -> None:
+        self.pids_file.write_text(
+            json.dumps(
+                [{"name": p.name, "pgid": p.popen.pid, "program": p.argv[0]} for p in self.procs]
+            )
+        )
+
+    async def _restart(self, proc: Proc) -> None:
+        """Restart a child that exited, after a backoff; say why it went."""
+        code = proc.popen.returncode
+        up_s = time.monotonic() - proc.started_at
+        if up_s > HEALTHY_AFTER_S:
+            proc.restarts = 0
+        delay = RESTART_BACKOFF_S[min(proc.restarts, len(RESTART_BACKOFF_S) - 1)]
+        log.warning(
+            "%s exited (%s) after %.0fs; restarting in %.1fs (restart %d); its last output:\n"
+            "      %s",
+            proc.name,
+            describe_exit(code),
+            up_s,
+            delay,
+            proc.restarts + 1,
+            _tail(proc.log_path),
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, signal.SIGKILL)  # its orphans would keep its port
+        try:
+            await asyncio.wait_for(self.stop_event.wait(), delay)
+            return
+        except TimeoutError:
+            pass
+        proc.restarts += 1
+        proc.popen = self._popen(proc.argv, proc.log_path, proc.env)
+        proc.started_at = time.monotonic()
+        self._write_pids()
+        try:
+            if proc.ready is not None:
+                await proc.ready(proc)
+            if proc.on_restart is not None:
+                await proc.on_restart()
+            log.info("%s is back (pid %d)", proc.name, proc.popen.pid)
+        except Exception as exc:
+            log.warning("%s did not come back: %s", proc.name, exc)
+
+    async def supervise(self) -> None:
+        """Restart any child that exits, until the stack stops."""
+        restarting: dict[str, asyncio.Task[None]] = {}
+        while not self.stop_event.is_set():
+            for proc in self.procs:
+                if proc.popen.poll() is not None and (
+                    proc.name not in restarting or restarting[proc.name].done()
+                ):
+                    restarting[proc.name] = asyncio.create_task(self._restart(proc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), 0.5)
+        for task in restarting.values():
+            task.cancel()
 
     async def _wait_http(self, proc: Proc, url: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -247,8 +366,10 @@ class LocalStack:
                 str(self.cfg.nats_port),
             ],
             self.nats_url,
+            ready=lambda p: self._wait_tcp(p, self.cfg.nats_port),
         )
-        await self._wait_tcp(proc, self.cfg.nats_port)
+        assert proc.ready is not None
+        await proc.ready(proc)
 
     def write_preset(self, node_dir: Path, gguf: Path) -> Path:
         node_dir.mkdir(parents=True, exist_ok=True)
@@ -301,9 +422,12 @@ class LocalStack:
                     str(port),
                 ],
                 url,
+                ready=lambda p, u=url: self._wait_http(p, u + "/models"),
             )
+            proc.on_restart = lambda n=node_id: self._rejoin(n)
             self.runtime_urls[node_id] = url
-            await self._wait_http(proc, url + "/models")
+            assert proc.ready is not None
+            await proc.ready(proc)
 
     async def start_functions(self) -> dict[str, str]:
         urls: dict[str, str] = {}
@@ -312,7 +436,7 @@ class LocalStack:
             "OA_POLICY": self.cfg.settings.policy,
             "OA_KEEP_ALIVE_S": str(self.cfg.settings.keep_alive_s),
             "OA_LOAD_TIMEOUT_S": str(self.cfg.settings.load_timeout_s),
-            "OA_QUEUE_RETRY_S": str(self.cfg.settings.queue_retry_s),
+            "OA_UNLOAD_TIMEOUT_S": str(self.cfg.settings.unload_timeout_s),
         }
         source = Path(__file__).resolve().parents[1] / "functions" / "entry.py"
         started = []
@@ -336,11 +460,13 @@ class LocalStack:
                 ],
                 url,
                 env,
+                ready=lambda p, u=url: self._wait_http(p, u),
             )
-            started.append((proc, url))
+            started.append(proc)
             urls[name] = url
-        for proc, url in started:
-            await self._wait_http(proc, url)
+        for proc in started:
+            assert proc.ready is not None
+            await proc.ready(proc)
         return urls
 
     # -- in-process pieces -------------------------------------------------------------------
@@ -361,35 +487,46 @@ class LocalStack:
             )
 
     async def start_control_plane(self, fn_urls: dict[str, str] | None) -> None:
-        settings = Settings(**{**self.cfg.settings.__dict__, "nats_url": self.nats_url})
+        settings = self.cfg.settings.but(nats_url=self.nats_url)
         self.svc = svc = await open_services(
-            settings, provision=True, ack_wait_s=self.cfg.ack_wait_s
+            settings, provision=True, ack_wait_s=self.cfg.ack_wait_s, reconfigure=True
         )
         await self.register_catalog(svc.catalog)
         for node_id, url in self.runtime_urls.items():
-            runtime = make_runtime(self.runtime_kinds.get(node_id, "llamacpp"), url)
             proc = next((p for p in self.procs if p.name == f"llama-server-{node_id}"), None)
-            probe = nvml_probe() or (
-                process_tree_probe(proc.popen.pid, self.cfg.node_memory) if proc else None
+            runtime = make_runtime(
+                self.runtime_kinds.get(node_id, "llamacpp"),
+                url,
+                proc.log_path if proc else None,
             )
-            agent = NodeAgent(svc.fleet, node_id, runtime, self.cfg.node_memory, probe)
+            probe = nvml_probe() or (
+                process_tree_probe(lambda p=proc: p.popen.pid, self.cfg.node_memory)
+                if proc
+                else None
+            )
+            agent = NodeAgent(
+                svc.fleet,
+                node_id,
+                runtime,
+                self.cfg.node_memory,
+                probe,
+                runtime_log=str(proc.log_path) if proc else None,
+                waiting=svc.waiting,
+            )
+            self.agents[node_id] = agent
             await agent.register()
             self.tasks.append(asyncio.create_task(agent.run(self.stop_event)))
         for name in self.cfg.functions:
-            spec = bus.CONSUMERS[name]
-            if self.cfg.ack_wait_s:
-                spec = bus.ConsumerSpec(
-                    spec.name, spec.event_type, self.cfg.ack_wait_s, spec.max_ack_pending
-                )
-            if fn_urls is not None:
-                deliver = over_http(fn_urls[name])
-            else:
-                handler = HANDLERS[name]
-                deliver = in_process(lambda e, a, h=handler: h(svc, e, a))
-            d = Dispatcher(svc.js, spec, deliver)
+            d = dispatcher(svc, name, fn_urls[name] if fn_urls is not None else None)
             self.dispatchers.append(d)
             self.tasks.append(asyncio.create_task(d.run(self.stop_event)))
         self.tasks.append(asyncio.create_task(self._ticker(svc)))
+
+    async def _rejoin(self, node_id: str) -> None:
+        """A node's runtime restarted empty: forget its residency, as on a first start."""
+        agent = self.agents.get(node_id)
+        if agent is not None:
+            await agent.register()
 
     async def _ticker(self, svc: Services) -> None:
         while not self.stop_event.is_set():
@@ -401,6 +538,8 @@ class LocalStack:
 
     async def start(self, progress: bool = True) -> None:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        for ended in kill_leftovers(self.pids_file):
+            log.warning("ended %s, left running by a previous run of the stack", ended)
         try:
             await self.start_nats()
             if self.cfg.nodes:
@@ -410,6 +549,7 @@ class LocalStack:
                 self.runtime_kinds[f"ollama-{i}"] = "ollama"
             fn_urls = await self.start_functions() if self.cfg.transport == "http" else None
             await self.start_control_plane(fn_urls)
+            self.tasks.append(asyncio.create_task(self.supervise()))
         except BaseException:
             await self.stop()
             raise
@@ -463,3 +603,4 @@ class LocalStack:
         for fh in self._logs:
             fh.close()
         self.procs.clear()
+        self.pids_file.unlink(missing_ok=True)

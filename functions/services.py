@@ -8,46 +8,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from domain.planner import Policy
 from events import bus
-
-from .catalog import Catalog
-from .fleet import Fleet
-from .planner import POLICIES, Policy
-from .runtimes.base import Runtime, make_runtime
-from .tasks import Tasks
+from runtimes import Runtime, make_runtime
+from stores.catalog import Catalog
+from stores.fleet import Fleet
+from stores.tasks import Tasks
+from stores.waiting import Waiting
 
 log = logging.getLogger("functions")
 
 
-@dataclass(frozen=True)
-class Settings:
-    nats_url: str = bus.DEFAULT_NATS_URL
-    policy: Policy = "cost"
-    keep_alive_s: float = 300.0
-    load_timeout_s: float = 300.0
-    unload_timeout_s: float = 60.0
-    queue_retry_s: float = 0.5
-    chars_per_token: float = 4.0  # prompt-size check before anything is loaded
+class Settings(BaseSettings):
+    """The functions' settings, from the environment (`OA_<NAME>`, and `NATS_URL`)."""
 
-    @classmethod
-    def from_env(cls) -> Settings:
-        policy = os.environ.get("OA_POLICY", "cost")
-        if policy not in POLICIES:
-            raise ValueError(f"OA_POLICY={policy!r}; choose one of {POLICIES}")
-        return cls(
-            nats_url=os.environ.get("NATS_URL", bus.DEFAULT_NATS_URL),
-            policy=policy,  # type: ignore[arg-type]
-            keep_alive_s=float(os.environ.get("OA_KEEP_ALIVE_S", "300")),
-            load_timeout_s=float(os.environ.get("OA_LOAD_TIMEOUT_S", "300")),
-            unload_timeout_s=float(os.environ.get("OA_UNLOAD_TIMEOUT_S", "60")),
-            queue_retry_s=float(os.environ.get("OA_QUEUE_RETRY_S", "0.5")),
-        )
+    model_config = SettingsConfigDict(env_prefix="OA_", frozen=True, extra="ignore")
+
+    nats_url: str = Field(
+        default=bus.DEFAULT_NATS_URL, validation_alias=AliasChoices("NATS_URL", "nats_url")
+    )
+    policy: Policy = "cost"
+    keep_alive_s: float = Field(default=300.0, ge=0)
+    load_timeout_s: float = Field(default=300.0, gt=0)
+    unload_timeout_s: float = Field(default=60.0, gt=0)
+    chars_per_token: float = Field(default=4.0, gt=0)  # prompt-size check before any load
+
+    def but(self, **changes: Any) -> Settings:
+        """A copy with `changes`, validated like the environment is."""
+        return Settings.model_validate({**self.model_dump(), **changes})
 
 
 @dataclass
@@ -58,12 +54,13 @@ class Services:
     fleet: Fleet
     tasks: Tasks
     catalog: Catalog
+    waiting: Waiting
     runtimes: dict[tuple[str, str], Runtime] = field(default_factory=dict)
 
-    def runtime(self, kind: str, url: str) -> Runtime:
+    def runtime(self, kind: str, url: str, log_path: str | None = None) -> Runtime:
         key = (kind, url)
         if key not in self.runtimes:
-            self.runtimes[key] = make_runtime(kind, url)
+            self.runtimes[key] = make_runtime(kind, url, log_path)
         return self.runtimes[key]
 
     async def close(self) -> None:
@@ -76,22 +73,26 @@ class Services:
 
 
 async def open_services(
-    settings: Settings | None = None, provision: bool = False, ack_wait_s: float | None = None
+    settings: Settings | None = None,
+    provision: bool = False,
+    ack_wait_s: float | None = None,
+    reconfigure: bool = False,
 ) -> Services:
     """Connect and bind the KV buckets; `provision` creates streams/consumers/buckets first
     (the stack and the CLI do; a function expects them to exist)."""
-    settings = settings or Settings.from_env()
+    settings = settings or Settings()
     nc = await bus.connect(settings.nats_url, name="ollama-autoscaler-functions")
     js = nc.jetstream()
     if provision:
-        await bus.provision(js, consumer_ack_wait_s=ack_wait_s)
+        await bus.provision(js, consumer_ack_wait_s=ack_wait_s, reconfigure=reconfigure)
     return Services(
         settings,
         nc,
         js,
         Fleet(await js.key_value(bus.FLEET_BUCKET), js),
-        Tasks(await js.key_value(bus.TASKS_BUCKET)),
+        Tasks(await js.key_value(bus.TASKS_BUCKET), js),
         Catalog(await js.key_value(bus.MODELS_BUCKET), js),
+        Waiting(js),
     )
 
 

@@ -1,0 +1,36 @@
+"""Runtime adapters behind one protocol (`runtimes.base.Runtime`), chosen by kind.
+
+`make_runtime(kind, url)` is the registry: the functions and the node agent name a runtime by
+the `runtime` field of a node record, never by importing an adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .base import Runtime, RuntimeFailure
+from .llamacpp import LlamaCppRuntime
+from .ollama import OllamaRuntime
+
+RuntimeFactory = Callable[..., Runtime]
+RUNTIMES: dict[str, RuntimeFactory] = {
+    LlamaCppRuntime.kind: LlamaCppRuntime,
+    OllamaRuntime.kind: OllamaRuntime,
+}
+
+
+def register(kind: str, factory: RuntimeFactory) -> None:
+    """Add a runtime kind (the benchmark's stub registers itself this way)."""
+    RUNTIMES[kind] = factory
+
+
+def make_runtime(kind: str, url: str, log_path: str | Path | None = None) -> Runtime:
+    try:
+        factory = RUNTIMES[kind]
+    except KeyError:
+        raise ValueError(f"unknown runtime kind {kind!r}; known: {sorted(RUNTIMES)}") from None
+    return factory(url, log_path=log_path) if log_path else factory(url)
+
+
+__all__ = ["RUNTIMES", "Runtime", "RuntimeFailure", "make_runtime", "register"]

@@ -1,0 +1,195 @@
+"""llama.cpp `llama-server` in router mode: one child process per loaded model.
+
+Started with `--models-preset`, `--models-max 0` and `--no-models-autoload`, so the router never
+loads or evicts on its own: the planner decides, this adapter executes.
+
+Failures come back as `RuntimeFailure` with a stable code, never as an HTTP library error. The
+router reports a model process that died only as "exit code 1" (a signal too); when the
+adapter can read the router's log (`log_path`, local nodes), the failure carries the last lines
+that process printed, which say why.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .base import RuntimeFailure, http_errors, poll_until
+
+TAIL_LINES = 8
+
+
+def child_log_tail(log_path: Path, model: str, lines: int = TAIL_LINES) -> list[str]:
+    """The last lines the router forwarded from `model`'s latest process (prefix `[port]`)."""
+    try:
+        with log_path.open("rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 512 * 1024))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return []
+    spawned = list(
+        re.finditer(rf"spawning server instance with name={re.escape(model)} on port (\d+)", text)
+    )
+    if not spawned:
+        return []
+    port = spawned[-1].group(1)
+    prefix = re.compile(rf"^\[\s*{port}\] ?")
+    out = [
+        prefix.sub("", line)
+        for line in text[spawned[-1].end() :].splitlines()
+        if prefix.match(line)
+    ]
+    return out[-lines:]
+
+
+class LlamaCppRuntime:
+    kind = "llamacpp"
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient | None = None,
+        log_path: str | Path | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.client = client or httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(10.0, read=600.0)
+        )
+        self.log_path = Path(log_path) if log_path else None
+
+    async def _models(self) -> list[dict[str, Any]]:
+        with http_errors(self.url, "GET /models"):
+            resp = await self.client.get("/models")
+            resp.raise_for_status()
+            return list(resp.json().get("data", []))
+
+    async def available(self) -> list[str]:
+        return sorted(m["id"] for m in await self._models())
+
+    async def loaded(self) -> dict[str, str]:
+        out = {}
+        for m in await self._models():
+            status = m.get("status", {}).get("value")
+            if status in ("loaded", "loading", "sleeping"):
+                out[m["id"]] = "loading" if status == "loading" else "loaded"
+        return out
+
+    async def _status(self, model: str) -> dict[str, Any]:
+        for m in await self._models():
+            if m["id"] == model:
+                return dict(m.get("status", {}))
+        raise RuntimeFailure("unknown_model", f"llama-server at {self.url} has no model {model!r}")
+
+    def death_report(self, model: str, exit_code: Any) -> str:
+        """Why a model process died, as far as can be told from here."""
+        head = (
+            f"{model}'s process on {self.url} exited (the router reports status {exit_code}; "
+            "it reports a process killed by a signal as 1 too)"
+        )
+        tail = child_log_tail(self.log_path, model) if self.log_path else []
+        if not tail:
+            where = f"; see {self.log_path}" if self.log_path else ""
+            return head + where
+        quiet = not any(re.search(r"error|fail|abort|assert", t, re.I) for t in tail)
+        hint = (
+            "; it printed no error before dying, so it was most likely killed by a signal "
+            "(SIGILL: an instruction this CPU traps, a build that does not fit it — see dmesg; "
+            "SIGKILL: out of memory)"
+            if quiet
+            else ""
+        )
+        return head + hint + "; its last output:\n    " + "\n    ".join(tail)
+
+    async def load(self, model: str, timeout: float) -> None:
+        status = await self._status(model)
+        if status.get("value") != "loaded":
+            with http_errors(self.url, f"load {model}"):
+                resp = await self.client.post("/models/load", json={"model": model})
+            if resp.status_code >= 400 and "already" not in resp.text:
+                raise RuntimeFailure(
+                    "load_failed", f"llama-server refused to load {model}: {resp.text}"
+                )
+
+        async def ready() -> bool:
+            st = await self._status(model)
+            if st.get("failed"):
+                raise RuntimeFailure("load_failed", self.death_report(model, st.get("exit_code")))
+            return st.get("value") == "loaded"
+
+        await poll_until(ready, timeout, what=f"{model} to load on {self.url}")
+
+    async def unload(self, model: str, timeout: float) -> None:
+        if (await self._status(model)).get("value") == "unloaded":
+            return
+        with http_errors(self.url, f"unload {model}"):
+            resp = await self.client.post("/models/unload", json={"model": model})
+        if resp.status_code >= 400 and (await self._status(model)).get("value") != "unloaded":
+            raise RuntimeFailure(
+                "unload_failed", f"llama-server refused to unload {model}: {resp.text}"
+            )
+
+        async def gone() -> bool:
+            return (await self._status(model)).get("value") == "unloaded"
+
+        await poll_until(gone, timeout, what=f"{model} to unload on {self.url}")
+
+    @staticmethod
+    def _refusal(status: int, text: str) -> RuntimeFailure:
+        if status == 400 and re.search(r"context|exceed", text, re.I):
+            return RuntimeFailure("prompt_too_long", f"llama-server {status}: {text[:300]}")
+        if status in (404, 503) or (status == 400 and "not loaded" in text.lower()):
+            return RuntimeFailure("model_not_loaded", f"llama-server {status}: {text[:300]}")
+        return RuntimeFailure("runtime_error", f"llama-server {status}: {text[:300]}")
+
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
+    ) -> AsyncIterator[str]:
+        body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+        for ours, theirs in (
+            ("temperature", "temperature"),
+            ("max_tokens", "max_tokens"),
+            ("top_p", "top_p"),
+            ("seed", "seed"),
+            ("stop", "stop"),
+        ):
+            if options.get(ours) is not None:
+                body[theirs] = options[ours]
+        finished = False
+        with http_errors(self.url, f"chat with {model} (the stream was cut)", "interrupted"):
+            async with self.client.stream(
+                "POST", "/v1/chat/completions", json=body, params={"autoload": "false"}
+            ) as resp:
+                if resp.status_code >= 400:
+                    text = (await resp.aread()).decode(errors="replace")
+                    raise self._refusal(resp.status_code, text)
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        finished = True
+                        break
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        raise RuntimeFailure("runtime_error", f"llama-server: {chunk['error']}")
+                    for choice in chunk.get("choices", []):
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            yield text
+                        if choice.get("finish_reason"):
+                            finished = True
+        if not finished:
+            raise RuntimeFailure(
+                "interrupted",
+                f"the stream from {model} on {self.url} ended without finishing "
+                "(its process died or was unloaded)",
+            )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,149 @@
+"""The parked queue: chat requests that wait for memory, kept in the `OLLAMA_WAITING` stream.
+
+A request that cannot be placed is *parked*: its original event (binary-mode headers and
+body) is stored as a message on `ollama.waiting.p<rank>.<encoded model>`, its delivery is
+acknowledged, and it is *woken by events* — a lease released, a model evicted or loaded, a
+node joining, a deferral ending — never by redelivery loops. Waking re-publishes the stored
+event on `ollama.chat.requested` (same CloudEvent id, so the same task), under a message id
+made of the task and the event that woke it, so concurrent wakers of one waiter send it once.
+
+Order: the rank sorts higher priority first, and within a subject the stream keeps arrival
+order, so waiters are served FIFO per model and priority first across models. The stream is on
+disk: waiters survive restarts of every process. The number of messages in it is the queue
+depth (what KEDA scales the runtime pool on: the `waiting` consumer's pending count).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from events.bus import WAITING_STREAM
+from events.codec import Event, to_binary
+from events.keys import encode_name
+from events.types import SUBJECT_PREFIX, subject_for
+
+log = logging.getLogger("stores.waiting")
+WAITING_PREFIX = f"{SUBJECT_PREFIX}.waiting"
+H_TASK, H_SOURCE, H_MODEL, H_SINCE = "Oa-Task", "Oa-Source", "Oa-Model", "Oa-Since"
+H_PRIORITY = "Oa-Priority"
+_OURS = (H_TASK, H_SOURCE, H_MODEL, H_SINCE, H_PRIORITY)
+
+
+def rank(priority: int) -> str:
+    """Priority -100..100 as a 3-digit rank that sorts the highest priority first."""
+    return f"p{100 - max(-100, min(100, priority)):03d}"
+
+
+def subject_of(model: str, priority: int) -> str:
+    return f"{WAITING_PREFIX}.{rank(priority)}.{encode_name(model)}"
+
+
+@dataclass(frozen=True)
+class Waiter:
+    seq: int
+    task_id: str
+    source: str
+    model: str
+    priority: int
+    since: float
+    headers: dict[str, str]
+    body: bytes
+
+
+class Waiting:
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+
+    async def park(self, event: Event, model: str, priority: int, since: float) -> int:
+        """Store the request; returns its sequence (its handle for `remove`)."""
+        headers, body = to_binary(event)
+        headers |= {
+            H_TASK: event.id,
+            H_SOURCE: event.source,
+            H_MODEL: model,
+            H_SINCE: f"{since:.3f}",
+            H_PRIORITY: str(priority),
+        }
+        ack = await self.js.publish(subject_of(model, priority), body, headers=headers)
+        return int(ack.seq)
+
+    async def remove(self, seq: int | None) -> None:
+        if seq is None:
+            return
+        try:
+            await self.js.delete_msg(WAITING_STREAM, seq)
+        except NotFoundError:
+            pass  # already removed (by another run, or reconcile)
+
+    async def depth(self) -> int:
+        info = await self.js.stream_info(WAITING_STREAM)
+        return int(info.state.messages)
+
+    async def subjects(self) -> dict[str, int]:
+        """Waiters per subject (priority rank and model), in serving order."""
+        info = await self.js.stream_info(WAITING_STREAM, subjects_filter=f"{WAITING_PREFIX}.>")
+        return dict(sorted((info.state.subjects or {}).items()))
+
+    async def _read(self, subject: str, after: int = 0) -> Waiter | None:
+        try:
+            raw = await self.js.get_msg(WAITING_STREAM, seq=after + 1, subject=subject, next=True)
+        except NotFoundError:
+            return None
+        return _waiter(raw.seq or 0, raw.headers or {}, raw.data or b"")
+
+    async def heads(self) -> list[Waiter]:
+        """The first waiter of every (priority, model), highest priority first."""
+        out = []
+        for subject in await self.subjects():
+            head = await self._read(subject)
+            if head is not None:
+                out.append(head)
+        return out
+
+    async def all(self, limit: int = 10_000) -> list[Waiter]:
+        """Every waiter in serving order (status, reconcile); at most `limit`."""
+        out: list[Waiter] = []
+        for subject in await self.subjects():
+            after = 0
+            while len(out) < limit and (w := await self._read(subject, after)) is not None:
+                out.append(w)
+                after = w.seq
+        return out
+
+    async def wake(self, waiter: Waiter, trigger: str) -> None:
+        """Re-publish the stored request to the chat function. `trigger` names the event that
+        woke it: wakes by one trigger are deduplicated, a later trigger wakes it again."""
+        headers = dict(waiter.headers)
+        for h in _OURS:
+            headers.pop(h, None)
+        headers["ce-oawake"] = str(waiter.seq)  # tells the chat function it was parked
+        headers["Nats-Msg-Id"] = f"{waiter.task_id}.wake.{waiter.seq}.{trigger}"[:240]
+        await self.js.publish(subject_for("chat.requested"), waiter.body, headers=headers)
+
+    async def wake_heads(self, trigger: str, models: set[str] | None = None) -> int:
+        """Wake the head of every (priority, model) — or only of `models`. Returns how many."""
+        woken = 0
+        for head in await self.heads():
+            if models is None or head.model in models:
+                await self.wake(head, trigger)
+                woken += 1
+        if woken:
+            log.info("woke %d waiter(s) trigger=%s", woken, trigger)
+        return woken
+
+
+def _waiter(seq: int, headers: dict[str, str], body: bytes) -> Waiter:
+    return Waiter(
+        seq=seq,
+        task_id=headers.get(H_TASK, ""),
+        source=headers.get(H_SOURCE, ""),
+        model=headers.get(H_MODEL, ""),
+        priority=int(headers.get(H_PRIORITY, "0") or 0),
+        since=float(headers.get(H_SINCE, "0") or 0),
+        headers=headers,
+        body=body,
+    )
