@@ -64,5 +64,9 @@ def http_errors(url: str, what: str, code: str = "runtime_unreachable") -> Itera
     """Turn a transport error talking to a runtime into a RuntimeFailure with `code`."""
     try:
         yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise RuntimeFailure(
+            "runtime_unreachable", f"runtime at {url} unreachable: {what}: {exc!r}"
+        ) from exc
     except httpx.HTTPError as exc:
         raise RuntimeFailure(code, f"runtime at {url}: {what}: {exc!r}") from exc

