@@ -178,7 +178,10 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     assert result.end is not None
     if result.end.type == "chat.failed":
         failed = ChatFailed.model_validate(result.end.data)
-        print(f"\nerror: {failed.error.code}: {failed.error.message}", file=sys.stderr)
+        print(
+            f"\nerror: {failed.error.code}: {failed.error.message} (task {failed.task_id})",
+            file=sys.stderr,
+        )
         return 1
     done = ChatCompleted.model_validate(result.end.data)
     if not result.tokens:
@@ -304,6 +307,17 @@ async def _manual(args: argparse.Namespace, kind: str) -> int:
             rejected.set_result(rec.get("reason", "rejected"))
 
     await svc.nc.subscribe("ollama.deadletter.>", cb=on_dead)
+    if kind == "model.evict":
+        resident = [
+            r.node_id
+            for r, _ in await svc.fleet.nodes()
+            if args.model in r.models and args.node in (None, r.node_id)
+        ]
+        if not resident:
+            where = f" on {args.node}" if args.node else ""
+            print(f"{args.model} is not resident{where}: nothing to evict")
+            await svc.close()
+            return 0
     await bus.publish(svc.js, event)
     t0 = time.monotonic()
     deadline = t0 + args.timeout

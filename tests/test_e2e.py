@@ -313,12 +313,78 @@ async def test_cli_chat_prints_text_and_stats_and_status_and_manual_evict(make_s
     rc, out, _ = await _cli(stack, "status", "--json")
     assert json.loads(out)["nodes"][0]["models"][A]["state"] == "ready"
     rc, _, err = await _cli(stack, "chat", "--model", "missing-model", "hi")
-    assert rc == 1 and "unknown_model" in err
+    assert rc == 1 and "unknown_model" in err and "(task " in err
     rc, out, err = await _cli(stack, "load", B)
     assert rc == 0 and f"{B} ready on node-0" in out, err
     rc, out, err = await _cli(stack, "evict", A)
     assert rc == 0 and f"{A} evicted" in out, err
+    rc, out, err = await _cli(stack, "evict", A)
+    assert rc == 0 and "not resident" in out and "evicted" not in out, err
     assert (await _runtime_models(stack))[A] == "unloaded"
     rc, out, _ = await _cli(stack, "models")
     assert f"{B}" in out and "node-0:ready" in out
+    await nc.close()
+
+
+def _child_of(stack: LocalStack, name: str) -> Any:
+    import psutil
+
+    proc = next(p for p in stack.procs if p.name == name)
+    return proc, psutil.Process(proc.popen.pid)
+
+
+async def test_a_model_process_killed_mid_stream_ends_in_chat_failed(make_stack):
+    """Defect 12 on the real runtime: the partial text was reported as chat.completed."""
+    stack, nc = await make_stack()
+    session = await ChatSession(
+        nc,
+        ChatRequested(
+            chat_id="cut",
+            model=A,
+            messages=[{"role": "user", "content": "Tell a long story."}],
+            options={"max_tokens": 400, "stop": [NEVER]},
+        ),
+    ).start()
+    await wait_until(lambda: len(session.result.tokens) >= 3, timeout=120, what="tokens")
+    _, router = _child_of(stack, "llama-server-node-0")
+    for child in router.children(recursive=True):
+        child.kill()  # the model's process dies mid-answer
+    result = await session.wait(timeout=120)
+    assert result.end.type == "chat.failed", result.end.data
+    assert result.end.data["error"]["code"] in ("interrupted", "runtime_error")
+    assert result.end.data["text"] and result.end.data["text"] == result.text()
+    await nc.close()
+
+
+async def test_a_prompt_past_the_runtimes_context_is_prompt_too_long(make_stack):
+    """Defect 16: llama-server's context overflow was reported as model_not_loaded."""
+    stack, nc = await make_stack()
+    stack.svc.settings = stack.svc.settings.but(chars_per_token=1000.0)  # let it through
+    result = await chat(nc, A, "word " * 3000, timeout=120, max_tokens=4)
+    assert result.end.type == "chat.failed", result.end.data
+    assert result.end.data["error"]["code"] == "prompt_too_long", result.end.data
+    await nc.close()
+
+
+async def test_up_restarts_killed_children_and_a_nats_restart_loses_nothing(make_stack):
+    """Defect 15 and supervision: a dead child stopped everything, and a killed
+    functions-framework master left its worker holding the port."""
+    stack, nc = await make_stack(transport="http")
+    first = await chat(nc, A, "Hello", timeout=120, max_tokens=4)
+    assert first.end.type == "chat.completed", first.end.data
+    tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET), nc.jetstream())
+
+    for name in ("function-chat", "nats-server", "llama-server-node-0"):
+        proc, _ = _child_of(stack, name)
+        old_pid = proc.popen.pid
+        os.killpg(old_pid, signal.SIGKILL)
+
+        async def back(p=proc, old=old_pid) -> bool:
+            return p.popen.pid != old and p.popen.poll() is None
+
+        await wait_until(back, timeout=60, what=f"{name} restarted")
+        result = await chat(nc, A, "Hello again", timeout=180, max_tokens=4)
+        assert result.end.type == "chat.completed", (name, result.end.data)
+    # JetStream is on disk: the first task's record survived the nats-server restart.
+    assert [t.state for t in await tasks.find(first.task_id)] == ["done"]
     await nc.close()

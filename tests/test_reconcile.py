@@ -180,3 +180,50 @@ async def test_a_node_gone_for_ten_minutes_is_forgotten_and_a_live_one_is_kept(
     assert {r.node_id for r, _ in await svc.fleet.nodes()} >= {"r5"}
     assert "gone-1" not in {r.node_id for r, _ in await svc.fleet.nodes()}
     await svc.close()
+
+
+def test_leftovers_of_a_killed_stack_are_ended_by_the_next_one(tmp_path):
+    """Defect 15: a child's orphaned worker kept its port and the next `make run` failed."""
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    from stack.local import kill_leftovers
+
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+            "time.sleep(300)",
+        ],
+        start_new_session=True,
+    )
+
+    def orphans() -> list[psutil.Process]:
+        return [
+            p for p in psutil.process_iter() if p.pid != parent.pid and _pgid(p.pid) == parent.pid
+        ]
+
+    deadline = time.monotonic() + 20
+    while not orphans() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parent.kill()  # the master dies; its worker keeps running in the group
+    parent.wait()
+    assert orphans(), "the worker should have outlived its master"
+    pids = tmp_path / "pids.json"
+    pids.write_text(json.dumps([{"name": "fn", "pgid": parent.pid, "program": sys.executable}]))
+    assert kill_leftovers(pids) == [f"fn (pgid {parent.pid})"]
+    assert not orphans() and not pids.exists()
+
+
+def _pgid(pid: int) -> int | None:
+    import os
+
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
