@@ -135,3 +135,18 @@ async def fake_ollama() -> AsyncIterator[tuple[Any, str]]:
     yield state, f"http://127.0.0.1:{port}"
     server.should_exit = True
     await task
+
+
+@pytest.fixture
+def fake_ollama_app() -> tuple[Any, Any]:
+    """The WIRE-LEVEL FAKE of Ollama's HTTP API as an ASGI app, for httpx.ASGITransport:
+    (its state, an AsyncClient that talks to it in-process)."""
+    import httpx
+
+    from tests.fakes.ollama import FakeOllama
+
+    state = FakeOllama()
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=state.app()), base_url="http://fake-ollama"
+    )
+    return state, client

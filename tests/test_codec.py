@@ -83,3 +83,32 @@ def test_key_encoding_is_reversible_and_valid(name):
 def test_key_encoding_is_readable_for_ollama_names():
     assert encode_name("llama3.1:8b") == "llama3_2e1_3a8b"
     assert json.dumps(decode_name("hf_2eco_2fa_2fb_3aQ4")) == '"hf.co/a/b:Q4"'
+
+
+@pytest.mark.parametrize(
+    ("attr", "value", "says"),
+    [
+        ("time", 1700000000, "'time' must be a string"),
+        ("datacontenttype", 5, "'datacontenttype' must be a string"),
+        ("datacontenttype", ["application/json"], "must be a string"),
+        ("id", "x" * 1400, "the limit is 256"),
+    ],
+)
+def test_attributes_of_the_wrong_type_or_size_are_refused_with_the_reason(attr, value, says):
+    doc = {"specversion": "1.0", "type": "fleet.tick", "source": "s", "id": "i", attr: value}
+    with pytest.raises(CodecError, match=says):
+        decode({}, json.dumps(doc).encode())
+
+
+def test_http_headers_decode_like_nats_headers_percent_encoding_included():
+    # An HTTP binary-mode request as Knative sends it: lower-case ce- headers, Content-Type.
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "chat.requested",
+        "ce-source": "https%3A%2F%2Fexample.com%2Fa%20b",
+        "ce-id": "id-1",
+        "content-type": "application/json",
+    }
+    ev = decode(headers, b'{"chat_id": "c"}')
+    assert ev.source == "https://example.com/a b" and ev.data == {"chat_id": "c"}
+    assert ev.datacontenttype == "application/json"

@@ -18,9 +18,9 @@ from stack.local import LocalStack, StackConfig
 from .conftest import Collector, wait_until
 
 
-async def test_adapter_lists_loads_streams_and_unloads(fake_ollama):
-    state, url = fake_ollama
-    rt = OllamaRuntime(url)
+async def test_adapter_lists_loads_streams_and_unloads(fake_ollama_app):
+    state, client = fake_ollama_app
+    rt = OllamaRuntime("http://fake-ollama", client=client)
     assert await rt.available() == ["gemma3:270m", "llama3.2:1b"]
     await rt.load("gemma3:270m", timeout=10)
     assert await rt.loaded() == {"gemma3:270m": "loaded"}
@@ -39,9 +39,9 @@ async def test_adapter_lists_loads_streams_and_unloads(fake_ollama):
     await rt.aclose()
 
 
-async def test_adapter_reports_unknown_models_with_a_code(fake_ollama):
-    _, url = fake_ollama
-    rt = OllamaRuntime(url)
+async def test_adapter_reports_unknown_models_with_a_code(fake_ollama_app):
+    _, client = fake_ollama_app
+    rt = OllamaRuntime("http://fake-ollama", client=client)
     with pytest.raises(RuntimeFailure) as err:
         await rt.load("nope:1b", timeout=5)
     assert err.value.code == "unknown_model" and "not found" in str(err.value)
@@ -108,3 +108,28 @@ async def test_live_ollama_lists_and_streams():
     ]
     assert "".join(pieces).strip()
     await rt.aclose()
+
+
+def test_a_dead_model_process_is_reported_with_its_last_output(tmp_path):
+    """The router says only "exited with status 1": the failure carries what the process
+    printed (from the router's log), and says when it printed no error (a signal)."""
+    from runtimes.llamacpp import LlamaCppRuntime, child_log_tail
+
+    log = tmp_path / "llama-server.log"
+    log.write_text(
+        "srv load: spawning server instance with name=m1 on port 40001\n"
+        "[40001] load_tensors: loading model\n"
+        "srv load: spawning server instance with name=m2 on port 40002\n"
+        "[40002] print_info: file type = Q4_K - Medium\n"
+        "[40001] llama_model_load: error loading model: bad magic\n"
+        "[40002] load_tensors: CPU_REPACK model buffer size = 100 MiB\n"
+        "srv operator(): instance name=m2 exited with status 1\n"
+    )
+    assert child_log_tail(log, "m1") == [
+        "load_tensors: loading model",
+        "llama_model_load: error loading model: bad magic",
+    ]
+    quiet = LlamaCppRuntime("http://x", log_path=log).death_report("m2", 1)
+    assert "killed by a signal" in quiet and "CPU_REPACK model buffer size" in quiet
+    loud = LlamaCppRuntime("http://x", log_path=log).death_report("m1", 1)
+    assert "bad magic" in loud and "signal (SIGILL" not in loud

@@ -154,9 +154,13 @@ async def test_node_agent_registration_forgets_residency_the_runtime_does_not_ha
             "llama3.2:1b": Slot(state="loading", bytes=1, since=time.time() - 999),
         },
     )
+    await svc.fleet.update(
+        "r4", lambda r: r.model_copy(update={"errors": {M: "a previous run's load error"}})
+    )
     agent = NodeAgent(svc.fleet, "r4", OllamaRuntime(url), capacity_bytes=1 << 30)
     rec = await agent.register()
     assert set(rec.models) == {M}  # the phantom `loading` slot of a previous run is gone
+    assert rec.errors == {}  # and `status` no longer shows the previous run's errors
     assert rec.available == ["gemma3:270m", "llama3.2:1b"] and rec.heartbeat_at > 0
     await svc.close()
 
