@@ -271,17 +271,10 @@ async def _park(run: Run, event: Event, req: ChatRequested, result: planner.Queu
         state="queued", reason=result.reason, owner=None, waiter_seq=seq, wake_at=wake_at
     )
     log.info("parked task_id=%s model=%s reason=%s", run.rec.task_id, req.model, result.reason)
-    if first:
+    if first and seq is not None and (waiter := await svc.waiting.get(seq)) is not None:
         # Memory may have been freed between our plan and the park: one look again.
-        await wake_task(svc, run.rec.task_id, "parked")
+        await svc.waiting.wake(waiter, "parked")
     return Done("parked: " + result.reason)
-
-
-async def wake_task(svc: Services, task_id: str, trigger: str) -> None:
-    for head in await svc.waiting.all(limit=1000):
-        if head.task_id == task_id:
-            await svc.waiting.wake(head, trigger)
-            return
 
 
 async def _acquire(run: Run, event: Event, req: ChatRequested, info: Any) -> Held | Outcome:
@@ -289,14 +282,14 @@ async def _acquire(run: Run, event: Event, req: ChatRequested, info: Any) -> Hel
     record = await _lease_ready(svc, req.model, task_id)
     if record is not None:
         return Held(record, time.time())
-    waiting = await svc.waiting.all(limit=1000)
-    peers = [w for w in waiting if w.model == req.model and w.task_id != task_id]
+    reserved, peers = await asyncio.gather(svc.waiting.models(), svc.waiting.of_model(req.model))
+    peers = [w for w in peers if w.task_id != task_id]
     now = time.time()
     result = await svc.fleet.place(
         planner.PlanRequest(
             req.model,
             info.bytes,
-            frozenset(w.model for w in waiting if w.model != req.model),
+            frozenset(reserved - {req.model}),
             waited_s=run.rec.waited_s
             + (now - run.rec.created_at if run.rec.waiter_seq is None else 0.0)
             + sum(now - w.since for w in peers),

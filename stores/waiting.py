@@ -23,7 +23,7 @@ from nats.js.errors import NotFoundError
 
 from events.bus import WAITING_STREAM
 from events.codec import Event, to_binary
-from events.keys import encode_name
+from events.keys import decode_name, encode_name
 from events.types import SUBJECT_PREFIX, subject_for
 
 log = logging.getLogger("stores.waiting")
@@ -95,6 +95,29 @@ class Waiting:
             return None
         return _waiter(raw.seq or 0, raw.headers or {}, raw.data or b"")
 
+    async def get(self, seq: int) -> Waiter | None:
+        try:
+            raw = await self.js.get_msg(WAITING_STREAM, seq=seq)
+        except NotFoundError:
+            return None
+        return _waiter(raw.seq or seq, raw.headers or {}, raw.data or b"")
+
+    async def models(self) -> set[str]:
+        """The models that parked requests wait for (one request to the server)."""
+        return {w for w in (_model_of(s) for s in await self.subjects()) if w}
+
+    async def of_model(self, model: str, limit: int = 64) -> list[Waiter]:
+        """The first `limit` waiters for `model`, across priorities."""
+        out: list[Waiter] = []
+        for subject in await self.subjects():
+            if _model_of(subject) != model:
+                continue
+            after = 0
+            while len(out) < limit and (w := await self._read(subject, after)) is not None:
+                out.append(w)
+                after = w.seq
+        return out
+
     async def heads(self) -> list[Waiter]:
         """The first waiter of every (priority, model), highest priority first."""
         out = []
@@ -147,3 +170,10 @@ def _waiter(seq: int, headers: dict[str, str], body: bytes) -> Waiter:
         headers=headers,
         body=body,
     )
+
+
+def _model_of(subject: str) -> str | None:
+    try:
+        return decode_name(subject.rsplit(".", 1)[-1])
+    except ValueError:
+        return None
