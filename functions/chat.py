@@ -173,9 +173,12 @@ async def _claim(svc: Services, event: Event, req: ChatRequested, attempt: int) 
     """Own the task for this run, or say what to do instead."""
     run_id = uuid.uuid4().hex[:12]
     woken = WAKE_EXTENSION in event.extensions
-    for _ in range(10):
+    got: Versioned | None = None
+    for i in range(10):
         now = time.time()
-        got: Versioned | None = await svc.tasks.get(event.source, event.id)
+        # A new request is the common case: try to create its record first (one round trip).
+        if i > 0 or woken:
+            got = await svc.tasks.get(event.source, event.id)
         if got is None:
             if woken:
                 return Done("woken, but the task is gone")
