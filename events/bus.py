@@ -135,6 +135,7 @@ async def provision(
             subjects=["ollama.waiting.>"],
             storage=StorageType.FILE,
             max_age=7 * 86400,
+            allow_direct=True,  # the cheap "is anyone waiting?" probe after every release
         ),
     )
     for stream in streams:

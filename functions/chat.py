@@ -373,8 +373,9 @@ async def _release(
     )
     slot = record.models.get(model)
     if slot is None or not slot.leases:
-        # The model became evictable (or is gone): a waiter may fit now.
-        await svc.waiting.wake_heads(f"release.{task_id}")
+        # The model became evictable (or is gone): a waiter may fit now. In the background,
+        # coalesced with other releases in this process (not on the chat's path).
+        svc.waiting.wake_heads_soon(f"release.{task_id}")
 
 
 # -- the handler ----------------------------------------------------------------------------------
@@ -517,10 +518,12 @@ async def _stream(
         "stream_ms": round((end - t_stream) * 1000, 1),
     }
     done = ChatCompleted(chat_id=req.chat_id, task_id=task_id, text="".join(pieces), stats=stats)
-    # 3. Finish: the end stored and published, then the lease released. If this worker dies
-    # in between, the redelivery re-sends the stored end and a lease left behind expires.
-    await _end(run, "chat.completed", done.model_dump(), state="done", timings=timings)
-    await _release(svc, node_id, req.model, task_id, keep_alive)
+    # 3. Finish: the end stored, then published; the lease released beside it (it need not
+    # wait: a worker that dies before the end is out is redelivered, stored end or not).
+    await asyncio.gather(
+        _end(run, "chat.completed", done.model_dump(), state="done", timings=timings),
+        _release(svc, node_id, req.model, task_id, keep_alive),
+    )
     log.info(
         "chat.completed task_id=%s chat_id=%s model=%s node=%s tokens=%d ttft_ms=%.0f",
         task_id,

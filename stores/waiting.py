@@ -15,6 +15,7 @@ depth (what KEDA scales the runtime pool on: the `waiting` consumer's pending co
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -57,6 +58,8 @@ class Waiter:
 class Waiting:
     def __init__(self, js: JetStreamContext) -> None:
         self.js = js
+        self._waker: asyncio.Task[None] | None = None
+        self._next_trigger: str | None = None
 
     async def park(self, event: Event, model: str, priority: int, since: float) -> int:
         """Store the request; returns its sequence (its handle for `remove`)."""
@@ -78,6 +81,16 @@ class Waiting:
             await self.js.delete_msg(WAITING_STREAM, seq)
         except NotFoundError:
             pass  # already removed (by another run, or reconcile)
+
+    async def any(self) -> bool:
+        """Is anyone waiting? One small direct-get request (no stream info to parse)."""
+        try:
+            await self.js.get_msg(
+                WAITING_STREAM, seq=1, subject=f"{WAITING_PREFIX}.>", next=True, direct=True
+            )
+        except NotFoundError:
+            return False
+        return True
 
     async def depth(self) -> int:
         info = await self.js.stream_info(WAITING_STREAM)
@@ -147,9 +160,29 @@ class Waiting:
         headers["Nats-Msg-Id"] = f"{waiter.task_id}.wake.{waiter.seq}.{trigger}"[:240]
         await self.js.publish(subject_for("chat.requested"), waiter.body, headers=headers)
 
+    def wake_heads_soon(self, trigger: str) -> None:
+        """`wake_heads` in the background. Calls while one runs are coalesced into one more
+        run after it (which sees every release before it started), so a burst of releases
+        costs a couple of reads, not one each."""
+        if self._waker is not None and not self._waker.done():
+            self._next_trigger = trigger
+            return
+        self._waker = asyncio.create_task(self._wake_loop(trigger))
+
+    async def _wake_loop(self, trigger: str | None) -> None:
+        while trigger is not None:
+            self._next_trigger = None
+            try:
+                await self.wake_heads(trigger)
+            except Exception as exc:  # the next release, or reconcile, wakes them
+                log.warning("waking the waiters failed: %r", exc)
+            trigger = self._next_trigger
+
     async def wake_heads(self, trigger: str, models: set[str] | None = None) -> int:
         """Wake the head of every (priority, model) — or only of `models`. Returns how many."""
         woken = 0
+        if not await self.any():
+            return 0
         for head in await self.heads():
             if models is None or head.model in models:
                 await self.wake(head, trigger)

@@ -128,8 +128,11 @@ async def test_second_model_evicts_the_idle_first_on_a_node_that_fits_one(make_s
     await nc.close()
 
 
-async def test_request_waits_queued_while_the_only_model_is_active(make_stack):
-    _stack, nc = await make_stack(node_memory=600 * MIB)
+@pytest.mark.parametrize("transport", ["inprocess", "http"])
+async def test_request_waits_queued_while_the_only_model_is_active(make_stack, transport):
+    """Parked, under the pull dispatcher and under HTTP push alike: acknowledged, never
+    redelivered, woken when A's lease is released."""
+    _stack, nc = await make_stack(node_memory=600 * MIB, transport=transport)
     tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET), nc.jetstream())
     long = await ChatSession(
         nc,
@@ -160,6 +163,8 @@ async def test_request_waits_queued_while_the_only_model_is_active(make_stack):
     assert a.end.type == "chat.completed" and b.end.type == "chat.completed", b.end.data
     assert b.end.data["stats"]["queue_ms"] > 0 and rec is not None
     assert await parked.all() == []
+    chat_consumer = await nc.jetstream().consumer_info(bus.EVENTS_STREAM, "chat")
+    assert chat_consumer.num_redelivered == 0  # waiting was never a NAK loop
     await nc.close()
 
 
