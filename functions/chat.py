@@ -44,7 +44,7 @@ from events.types import (
 from runtimes import RuntimeFailure
 from stores.tasks import TERMINAL, Conflict, TaskRecord, Versioned
 
-from .evict import request_evict
+from .evict import evict_for
 from .services import Services
 
 log = logging.getLogger("functions.chat")
@@ -309,16 +309,8 @@ async def _acquire(run: Run, event: Event, req: ChatRequested, info: Any) -> Hel
     if isinstance(result, planner.Queue):
         return await _park(run, event, req, result)
     placed_at = time.time()
-    record, _ = await svc.fleet.get(result.node_id)
+    record = await evict_for(svc, result)
     gen = record.models[req.model].gen
-    for victim in result.evict:
-        await request_evict(
-            svc,
-            victim,
-            result.node_id,
-            f"make room for {req.model}",
-            gen=record.models[victim].gen,
-        )
     await bus.publish(
         svc.js,
         Event(

@@ -11,8 +11,8 @@ import time
 
 from pydantic import ValidationError
 
-from domain import state
-from domain.state import TransitionError
+from domain import planner, state
+from domain.state import NodeRecord, TransitionError
 from events import bus
 from events.codec import Event
 from events.outcome import Done, Outcome, Reject, Retry
@@ -36,6 +36,21 @@ async def request_evict(
     only that copy is unloaded (a late re-send never unloads a newer one)."""
     data = ModelEvict(model=model, node=node, reason=reason, gen=gen).model_dump()
     await bus.publish(svc.js, Event("model.evict", data), msg_id=msg_id)
+
+
+async def evict_for(svc: Services, placement: planner.Placement) -> NodeRecord:
+    """Send `model.evict` for each victim of a committed placement (each its own copy);
+    returns the node record the placement wrote."""
+    record, _ = await svc.fleet.get(placement.node_id)
+    for victim in placement.evict:
+        await request_evict(
+            svc,
+            victim,
+            placement.node_id,
+            f"make room for {placement.model}",
+            gen=record.models[victim].gen,
+        )
+    return record
 
 
 async def handle(svc: Services, event: Event, attempt: int) -> Outcome:

@@ -23,7 +23,7 @@ from events.outcome import Done, Outcome, Reject, Retry
 from events.types import ModelLoad, ModelLoaded
 from runtimes import RuntimeFailure
 
-from .evict import request_evict
+from .evict import evict_for
 from .services import Services
 
 log = logging.getLogger("functions.load")
@@ -54,15 +54,7 @@ async def _place(svc: Services, req: ModelLoad) -> tuple[str, int] | Outcome:
         return Reject(result.reason)
     if isinstance(result, planner.Queue):
         return Reject(f"cannot load {req.model} now: {result.reason}")
-    record, _ = await svc.fleet.get(result.node_id)
-    for victim in result.evict:
-        await request_evict(
-            svc,
-            victim,
-            result.node_id,
-            f"make room for {req.model}",
-            gen=record.models[victim].gen,
-        )
+    record = await evict_for(svc, result)
     return result.node_id, record.models[req.model].gen
 
 
