@@ -157,7 +157,15 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     source = session.event.source
     said_queued = False
     deadline = time.monotonic() + args.timeout
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
     while not session.done and time.monotonic() < deadline:
+        if interrupted.is_set():  # Ctrl-C: cancel it in the system, then show how it ended
+            print("\n[cancelling ...]", file=sys.stderr, flush=True)
+            await session.cancel()
+            deadline = min(deadline, time.monotonic() + 10)
+            interrupted.clear()
         if not await session.ended_within(1.0) and not said_queued and not session.result.tokens:
             got = await tasks.get(source, task_id)
             rec = got.record if got else None
@@ -182,7 +190,7 @@ async def cmd_chat(args: argparse.Namespace) -> int:
             f"\nerror: {failed.error.code}: {failed.error.message} (task {failed.task_id})",
             file=sys.stderr,
         )
-        return 1
+        return 130 if failed.error.code == "cancelled" else 1
     done = ChatCompleted.model_validate(result.end.data)
     if not result.tokens:
         print(done.text, end="")
@@ -405,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(fn=cmd_prepare)
 
     w = sub.add_parser("worker", help="pull worker: run functions in-process on a running bus")
-    w.add_argument("--functions", default="chat,load,evict,reconcile")
+    w.add_argument("--functions", default="chat,cancel,load,evict,reconcile")
     w.set_defaults(fn=cmd_worker)
 
     c = sub.add_parser("chat", help="send a prompt, stream the answer, print stats")

@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 
 from events import bus
 from events.codec import Event, decode
-from events.types import ChatRequested, ChatToken
+from events.types import ChatCancel, ChatRequested, ChatToken
 
 
 @dataclass
@@ -67,6 +67,11 @@ class ChatSession:
         self.result.published_at = time.time()
         await bus.publish(self.nc.jetstream(), self.event)
         return self
+
+    async def cancel(self) -> None:
+        """Publish `chat.cancel` for this request: it ends with `chat.failed` `cancelled`."""
+        data = ChatCancel(chat_id=self.request.chat_id, task_id=self.result.task_id)
+        await bus.publish(self.nc.jetstream(), Event("chat.cancel", data.model_dump()))
 
     @property
     def done(self) -> bool:

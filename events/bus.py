@@ -56,6 +56,7 @@ class ConsumerSpec:
 # One durable consumer per function. Knative's equivalent is one Trigger per function.
 CONSUMERS: dict[str, ConsumerSpec] = {
     "chat": ConsumerSpec("chat", "chat.requested", ack_wait_s=30.0),
+    "cancel": ConsumerSpec("cancel", "chat.cancel", ack_wait_s=30.0),
     "load": ConsumerSpec("load", "model.load", ack_wait_s=30.0),
     "evict": ConsumerSpec("evict", "model.evict", ack_wait_s=30.0),
     "reconcile": ConsumerSpec("reconcile", "fleet.tick", ack_wait_s=30.0, max_ack_pending=1),

@@ -112,6 +112,14 @@ class ChatFailed(_Data):
     text: str = ""  # what was generated before it failed, if anything
 
 
+class ChatCancel(_Data):
+    """Stop a chat: generation stops, the lease is released, the chat ends once with
+    `chat.failed` code `cancelled` (carrying the text so far); a parked one leaves the queue."""
+
+    chat_id: str
+    task_id: str = Field(min_length=1, max_length=256)
+
+
 class ModelLoad(_Data):
     model: ModelName
     node: str | None = None
@@ -183,6 +191,7 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     "chat.token": ChatToken,
     "chat.completed": ChatCompleted,
     "chat.failed": ChatFailed,
+    "chat.cancel": ChatCancel,
     "model.load": ModelLoad,
     "model.loaded": ModelLoaded,
     "model.evict": ModelEvict,

@@ -79,6 +79,8 @@ class Run:
     rev: int
     run_id: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    pieces: list[str] = field(default_factory=list)  # the answer so far
 
     async def save(self, **changes: Any) -> None:
         """Apply `changes` to the task by compare-and-set; re-read on conflict. Lost if
@@ -95,6 +97,8 @@ class Run:
                     if got is None or got.record.owner != self.run_id:
                         raise Lost(f"task {self.rec.task_id} was taken over") from None
                     self.rec, self.rev = got.record, got.revision
+                    if self.rec.cancel_requested:  # written by the cancel function
+                        self.cancelled.set()
             raise Lost(f"task {self.rec.task_id}: too many conflicting writes")
 
 
@@ -382,10 +386,28 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     if not isinstance(claimed, Run):
         return claimed
     run = claimed
+    if run.rec.cancel_requested:
+        await _fail(run, "cancelled", "cancelled before it started")
+        return Done("cancelled")
+    await svc.listen_for_cancels()
+    svc.cancels[run.rec.task_id] = run.cancelled
+    serving = asyncio.create_task(_serve(run, event, req, info))
+    stopping = asyncio.create_task(run.cancelled.wait())
     try:
-        return await _serve(run, event, req, info)
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():  # a chat.cancel: stop generating, release, end it once
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Lost):
+                await serving
+            text = "".join(run.pieces)
+            await _fail(run, "cancelled", f"cancelled after {len(run.pieces)} tokens", text=text)
+            return Done("cancelled")
+        return serving.result()
     except Lost as exc:
         return Done(str(exc))
+    finally:
+        stopping.cancel()
+        svc.cancels.pop(run.rec.task_id, None)
 
 
 async def _serve(run: Run, event: Event, req: ChatRequested, info: Any) -> Outcome:
@@ -440,6 +462,10 @@ async def _serve(run: Run, event: Event, req: ChatRequested, info: Any) -> Outco
 
         # 2. Stream.
         return await _stream(run, req, record, queue_ms, load_ms, keep_alive)
+    except asyncio.CancelledError:  # cancelled while waiting for the load: give the lease back
+        with contextlib.suppress(Exception):
+            await _release(svc, node_id, req.model, task_id, keep_alive)
+        raise
     finally:
         keeper.cancel()
 
@@ -460,7 +486,8 @@ async def _stream(
     )
     runtime = svc.runtime(record.runtime, record.url, record.runtime_log)
     messages = [m.model_dump() for m in req.messages]
-    pieces: list[str] = []
+    pieces = run.pieces
+    pieces.clear()
     t_stream = time.time()
     first_at: float | None = None
     try:

@@ -21,7 +21,7 @@ from events.codec import CodecError, Event, decode
 from events.dispatcher import Dispatcher, in_process, over_http
 from events.outcome import Outcome, Reject, to_http
 
-from . import chat, evict, load, reconcile
+from . import cancel, chat, evict, load, reconcile
 from .services import Services, shared_services
 
 Handler = Callable[[Services, Event, int], Awaitable[Outcome]]
@@ -30,6 +30,7 @@ GiveUpHook = Callable[[Services, Event, str], Awaitable[None]]
 GIVE_UP: dict[str, GiveUpHook] = {"chat": chat.give_up}
 HANDLERS: dict[str, Handler] = {
     "chat": chat.handle,
+    "cancel": cancel.handle,
     "load": load.handle,
     "evict": evict.handle,
     "reconcile": reconcile.handle,
@@ -99,6 +100,11 @@ async def _serve(name: str, request: Request) -> Response:
 @ffa.http
 async def chat_fn(request: Request) -> Response:
     return await _serve("chat", request)
+
+
+@ffa.http
+async def cancel_fn(request: Request) -> Response:
+    return await _serve("cancel", request)
 
 
 @ffa.http

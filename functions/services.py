@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.planner import Policy
 from events import bus
+from events.codec import CodecError, decode
+from events.types import subject_for
 from runtimes import Runtime, make_runtime
 from stores.catalog import Catalog
 from stores.fleet import Fleet
@@ -56,6 +58,26 @@ class Services:
     catalog: Catalog
     waiting: Waiting
     runtimes: dict[tuple[str, str], Runtime] = field(default_factory=dict)
+    # Runs in this process, by task id: set when a chat.cancel for them is heard.
+    cancels: dict[str, asyncio.Event] = field(default_factory=dict)
+    _cancel_sub: Any = None
+
+    async def listen_for_cancels(self) -> None:
+        """Hear every chat.cancel as it is published (core NATS, no consumer), so a run in
+        this process stops within a second, wherever the durable cancel function runs."""
+        if self._cancel_sub is not None:
+            return
+
+        async def heard(msg: Any) -> None:
+            try:
+                data = decode(msg.headers, msg.data).data
+                task_id = data.get("task_id") if isinstance(data, dict) else None
+            except CodecError:
+                return
+            if isinstance(task_id, str) and task_id in self.cancels:
+                self.cancels[task_id].set()
+
+        self._cancel_sub = await self.nc.subscribe(subject_for("chat.cancel"), cb=heard)
 
     def runtime(self, kind: str, url: str, log_path: str | None = None) -> Runtime:
         key = (kind, url)

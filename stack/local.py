@@ -130,7 +130,7 @@ class StackConfig:
     runtime_port: int = 8081  # node i listens on runtime_port + i; 0 = any free port
     function_port: int = 8090  # function i listens on function_port + i; 0 = any free port
     transport: str = "http"
-    functions: tuple[str, ...] = ("chat", "load", "evict", "reconcile")
+    functions: tuple[str, ...] = ("chat", "cancel", "load", "evict", "reconcile")
     tick_s: float = 5.0
     settings: Settings = field(default_factory=Settings)
     ack_wait_s: float | None = None

@@ -58,6 +58,7 @@ class TaskRecord(BaseModel):
     wake_at: float | None = None  # admission deferral ends then, if nothing else wakes it
     waited_s: float = 0.0  # time spent parked so far (for admission and queue_ms)
     end: dict[str, Any] | None = None  # {"type": ..., "data": ...} once it ended
+    cancel_requested: bool = False  # a chat.cancel came while another run held the task
 
     @property
     def key(self) -> str:

@@ -442,3 +442,46 @@ async def test_no_node_serving_the_model_is_not_reported_as_too_large(world):
     s = await world.session("elsewhere:1b")
     result = await s.wait(30)
     assert result.end.data["error"]["code"] == "model_unavailable", result.end.data
+
+
+# -- chat.cancel ----------------------------------------------------------------------------------
+async def test_cancel_stops_a_running_chat_within_a_second_with_one_end(world):
+    stop = asyncio.Event()
+    canceller = asyncio.create_task(entry.dispatcher(world.svc, "cancel").run(stop))
+    events = await Collector().attach(world.svc.nc, "ollama.chat.completed", "ollama.chat.failed")
+    world.fake.token_s = 0.05  # 400 tokens would take 20 s
+    s = await world.session(A, max_tokens=400)
+    await wait_until(lambda: len(s.result.tokens) >= 3, what="streaming")
+    t0 = time.monotonic()
+    await s.cancel()
+    result = await s.wait(30)
+    stopped_in = time.monotonic() - t0
+    assert result.end.type == "chat.failed" and result.end.data["error"]["code"] == "cancelled"
+    assert stopped_in < 1.0, f"took {stopped_in:.2f}s"
+    assert result.end.data["text"] == result.text()
+    n = len(result.tokens)
+    await asyncio.sleep(0.3)  # tokens that would still come, had generation gone on
+    assert len(result.tokens) == n and n < 50
+    assert len(ends_of(events, s.event.id)) == 1
+    assert (await world.node()).models[A].leases == {}
+    stop.set()
+    await canceller
+
+
+async def test_cancel_of_a_parked_request_takes_it_out_of_the_queue(world):
+    stop = asyncio.Event()
+    canceller = asyncio.create_task(entry.dispatcher(world.svc, "cancel").run(stop))
+    await load.handle(world.svc, Event("model.load", ModelLoad(model=A).model_dump()), 1)
+    await world.svc.fleet.update(
+        "n1", lambda r: state.take_lease(r, A, "long-task", time.time() + 3600)
+    )
+    s = await world.session(B)
+    await wait_until(lambda: _depth_at_least(world, 1), what="parked")
+    await s.cancel()
+    result = await s.wait(30)
+    assert result.end.data["error"]["code"] == "cancelled"
+    assert await world.svc.waiting.depth() == 0
+    rec = (await world.svc.tasks.get(s.event.source, s.event.id)).record
+    assert rec.state == "failed"
+    stop.set()
+    await canceller

@@ -46,7 +46,7 @@ async def make_stack(tmp_path) -> AsyncIterator[StackFactory]:
     async def make(
         node_memory: int = 1536 * MIB,
         transport: str = "inprocess",
-        functions: tuple[str, ...] = ("chat", "load", "evict", "reconcile"),
+        functions: tuple[str, ...] = ("chat", "cancel", "load", "evict", "reconcile"),
         ack_wait_s: float | None = None,
     ) -> tuple[LocalStack, Any]:
         cfg = StackConfig(
@@ -392,4 +392,41 @@ async def test_up_restarts_killed_children_and_a_nats_restart_loses_nothing(make
         assert result.end.type == "chat.completed", (name, result.end.data)
     # JetStream is on disk: the first task's record survived the nats-server restart.
     assert [t.state for t in await tasks.find(first.task_id)] == ["done"]
+    await nc.close()
+
+
+async def test_ctrl_c_in_the_cli_cancels_the_chat_in_the_system(make_stack):
+    stack, nc = await make_stack()
+    ends = await Collector().attach(nc, "ollama.chat.failed", "ollama.chat.completed")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autoscaler.cli",
+        "--nats",
+        stack.nats_url,
+        "chat",
+        "--model",
+        A,
+        "--max-tokens",
+        "400",
+        "Tell a long story.",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.read(8), 120)  # the answer has begun
+    assert first
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 130, err.decode()
+    assert "cancelled" in err.decode()
+    failed = await wait_until(lambda: ends.of_type("chat.failed"), what="the cancelled end")
+    assert failed[0].data["error"]["code"] == "cancelled" and not ends.of_type("chat.completed")
+
+    async def free() -> bool:
+        rec, _ = await stack.svc.fleet.get("node-0")
+        return rec.models[A].active == 0
+
+    await wait_until(free, timeout=30, what="the lease released")
     await nc.close()
