@@ -77,7 +77,19 @@ async def cmd_up(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"error: the stack did not start: {exc}", file=sys.stderr)
         return 1
+    ui_server = None
+    if args.ui_port:
+        from ui.serve import RefusedToServe, serve
+
+        try:
+            ui_server = serve(stack.nats_url, args.ui_host, args.ui_port)
+            ui_server.start()
+            print(f"  {'ui':<26} in this process  http://{args.ui_host}:{args.ui_port}/")
+        except (RefusedToServe, OSError) as exc:
+            print(f"warning: the UI did not start: {exc}", file=sys.stderr)
     print(stack.describe(), flush=True)
+    if ui_server is not None:
+        print(f"\nopen the UI:  http://{args.ui_host}:{args.ui_port}/", flush=True)
     first = (cfg.chat_model or cfg.models[0]) if cfg.nodes else "MODEL"
     print(
         f"\ntry:  ollama-autoscaler chat --model {first} "
@@ -89,6 +101,26 @@ async def cmd_up(args: argparse.Namespace) -> int:
     print("\nstopping ...", flush=True)
     await stack.stop()
     print("stopped.", flush=True)
+    return 0
+
+
+# -- ui ------------------------------------------------------------------------------------------
+async def cmd_ui(args: argparse.Namespace) -> int:
+    from ui.serve import RefusedToServe, serve
+
+    try:
+        server = serve(args.nats, args.host, args.port)
+    except RefusedToServe as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server.start()
+    print(f"ollama-autoscaler UI at http://{args.host}:{args.port}/ (NATS {args.nats})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.stop()
     return 0
 
 
@@ -406,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--function-port", type=int, default=8090)
     up.add_argument("--state-dir")
     up.add_argument("--fresh", action="store_true", help="wipe JetStream state first")
+    up.add_argument("--ui-port", type=int, default=8501, help="the web UI's port (0: no UI)")
+    up.add_argument("--ui-host", default="127.0.0.1")
     up.set_defaults(fn=cmd_up)
 
     sub.add_parser(
@@ -413,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="build llama-server (once, cached) and assemble the Gemma "
         "GGUF, without starting anything",
     ).set_defaults(fn=cmd_prepare)
+
+    u = sub.add_parser("ui", help="the web UI (Panel) against a running bus")
+    u.add_argument("--host", default="127.0.0.1", help="listen address (non-loopback needs auth)")
+    u.add_argument("--port", type=int, default=8501)
+    u.set_defaults(fn=cmd_ui)
 
     w = sub.add_parser("worker", help="pull worker: run functions in-process on a running bus")
     w.add_argument("--functions", default="chat,cancel,load,evict,reconcile")
