@@ -136,8 +136,8 @@ class ChatApp:
         self.delete_btn.on_click(self._on_delete)
         self.send_btn.on_click(self._on_send)
         self.stop_btn.on_click(self._on_stop)
-        self.load_btn.on_click(lambda e: self._manage("model.load"))
-        self.evict_btn.on_click(lambda e: self._manage("model.evict"))
+        self.load_btn.on_click(self._on_load)
+        self.evict_btn.on_click(self._on_evict)
         self.chat_list.param.watch(self._on_switch, "value")
         self.title_in.param.watch(self._on_rename, "value")
         for w in (self.model, self.system, self.temperature, self.max_tokens):
@@ -186,8 +186,14 @@ class ChatApp:
     async def start(self) -> None:
         self.owner = self.owner or session_owner()
         self.ui.start()
+        pn.state.on_session_destroyed(lambda _ctx: self.close())
         pn.state.add_periodic_callback(self.refresh, period=1000)
         await self.refresh()
+
+    def close(self) -> None:
+        """The page went away: stop following its answer (the system goes on with it)."""
+        if self.following is not None:
+            self.following.cancel()
 
     async def _ensure_history(self) -> bool:
         if self.history is not None:
@@ -212,7 +218,7 @@ class ChatApp:
             )
             self.banner.visible = True
             return
-        self.banner.visible = False
+        self.banner.param.update(object="", visible=False)
         with contextlib.suppress(Exception):
             if await self._ensure_history():
                 await self._refresh_models()
@@ -399,9 +405,9 @@ class ChatApp:
             )
             message.object = turn.content
             message.user = "Error"
-        chat.turns.append(turn)
-        chat.pending = None
-        await self.history.save(chat)
+        stored = await self.history.finish(chat.chat_id, pending.task_id, turn)
+        if stored is not None:
+            chat.turns, chat.pending = stored.turns, stored.pending
 
     # -- models ----------------------------------------------------------------------------------
     async def _refresh_models(self) -> None:
@@ -449,6 +455,12 @@ class ChatApp:
             f"{rows}</table>"
         )
 
+    async def _on_load(self, _: Any) -> None:
+        await self._manage("model.load")
+
+    async def _on_evict(self, _: Any) -> None:
+        await self._manage("model.evict")
+
     async def _manage(self, kind: str) -> None:
         model = self.manage_model.value
         if not model or self.ui.svc is None:
@@ -464,7 +476,9 @@ class ChatApp:
         self.manage_status.object = f"<p>{verb} {html.escape(model)} …</p>"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            refused = [ln for ln in self.ui.lines if ln.event_id == event.id]
+            refused = [
+                ln for ln in self.ui.lines if ln.kind == "dead-letter" and ln.event_id == event.id
+            ]
             if refused:
                 self.manage_status.object = (
                     f"<p class='oa-refused'>refused: {html.escape(refused[-1].text)}</p>"

@@ -76,6 +76,26 @@ class History:
                 out.append(ChatRecord.model_validate_json(entry.value))
         return sorted(out, key=lambda c: -c.updated_at)
 
+    async def get(self, chat_id: str) -> ChatRecord | None:
+        try:
+            entry = await self.kv.get(self._key(chat_id))
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        return ChatRecord.model_validate_json(entry.value) if entry.value else None
+
+    async def finish(self, chat_id: str, pending_task: str, turn: Turn) -> ChatRecord | None:
+        """Record an answer once, on the stored chat (two pages of one person may both have
+        followed it)."""
+        chat = await self.get(chat_id)
+        if chat is None:
+            return None
+        if not any(t.task_id == pending_task and t.role != "user" for t in chat.turns):
+            chat.turns.append(turn)
+        if chat.pending is not None and chat.pending.task_id == pending_task:
+            chat.pending = None
+        await self.save(chat)
+        return chat
+
     async def save(self, chat: ChatRecord) -> None:
         chat.updated_at = time.time()
         await self.kv.put(self._key(chat.chat_id), chat.model_dump_json().encode())

@@ -1,0 +1,433 @@
+"""The Panel app in a real browser (the Debian chromium, driven by Playwright) against the real
+stack: nats-server + llama-server serving SmolLM2-135M-Instruct and Gemma 3 270M aliases.
+
+Screenshots of the chat, models and fleet views go to $OA_SCREENSHOTS (default: the test's
+temporary directory)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from autoscaler.client import chat as plain_chat
+from domain import state
+from events import bus
+from stack.local import LocalStack, StackConfig, free_port
+
+from .conftest import ROOT, Collector, start_nats, wait_until
+
+pytestmark = pytest.mark.e2e
+CHROMIUM = "/usr/bin/chromium"
+SMOL, A, B = "smollm2-135m", "gemma3-270m", "gemma3-270m-b"
+MIB = 1 << 20
+LONG = "Write a very long story about a dragon who learns to bake bread, in many chapters."
+
+if not Path(CHROMIUM).exists():  # .ci/run installs it; say so rather than fail obscurely
+    pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium", allow_module_level=True)
+
+
+class Ui:
+    def __init__(self, stack: LocalStack, port: int) -> None:
+        self.stack, self.port = stack, port
+        self.server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        from ui.serve import serve
+
+        self.server = serve(self.stack.nats_url, "127.0.0.1", self.port)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+async def world(tmp_path_factory) -> AsyncIterator[tuple[LocalStack, Ui, Any]]:
+    from playwright.async_api import async_playwright
+
+    cfg = StackConfig(
+        state_dir=tmp_path_factory.mktemp("uistack"),
+        nodes=1,
+        node_memory=700 * MIB,  # SmolLM2 (224 MiB) and one Gemma (400 MiB) fit; two do not
+        models=(A, B),
+        nats_port=0,
+        runtime_port=0,
+        function_port=0,
+        transport="inprocess",
+        tick_s=1.0,
+    )
+    stack = LocalStack(cfg)
+    await stack.start(progress=False)
+    ui = Ui(stack, free_port())
+    ui.start()
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM)
+        yield stack, ui, browser
+        await browser.close()
+    ui.stop()
+    await stack.stop()
+
+
+def shots(tmp_path: Path) -> Path:
+    out = Path(os.environ.get("OA_SCREENSHOTS", tmp_path))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+async def open_page(browser: Any, url: str) -> tuple[Any, Any, list[str]]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    page = await context.new_page()
+    outside: list[str] = []
+    page.on(
+        "request",
+        lambda r: (
+            outside.append(r.url)
+            if not r.url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:"))
+            else None
+        ),
+    )
+    await page.goto(url)
+    await page.wait_for_selector("text=New chat", timeout=60_000)
+    await wait_until(lambda: "?u=" in page.url, what="the page to get its owner id")
+    return context, page, outside
+
+
+async def pick_model(page: Any, model: str) -> None:
+    select = page.locator("select").first
+    await wait_until(
+        lambda: _has_option(select, model), timeout=60, what=f"{model} in the model picker"
+    )
+    label = next(
+        o for o in await select.locator("option").all_text_contents() if o.startswith(model)
+    )
+    await select.select_option(label=label)
+
+
+async def _has_option(select: Any, model: str) -> bool:
+    return any(o.startswith(model) for o in await select.locator("option").all_text_contents())
+
+
+async def send(page: Any, text: str) -> None:
+    await page.fill("textarea[placeholder^=Ask]", text)
+    await page.click("button:has-text('Send')")
+
+
+async def set_max_tokens(page: Any, n: int) -> None:
+    field = page.get_by_label("Max tokens")
+    await field.fill(str(n))
+    await field.press("Enter")
+
+
+async def last_answer(page: Any) -> str:
+    """The text of the last chat message (it is rendered inside a shadow root)."""
+    texts = await page.locator(".message").evaluate_all(
+        "els => els.map(e => (e.shadowRoot || e).textContent || '')"
+    )
+    return str(texts[-1]) if texts else ""
+
+
+async def stats_count(page: Any) -> int:
+    return await page.locator(".oa-stats").count()
+
+
+async def test_chat_streams_text_then_shows_stats_with_nothing_from_outside(world, tmp_path):
+    _stack, ui, browser = world
+    context, page, outside = await open_page(browser, ui.url)
+    await pick_model(page, SMOL)
+    await send(page, "Why is the sky blue?")
+    lengths: list[int] = []
+
+    async def grew() -> bool:
+        lengths.append(len((await last_answer(page)).strip()))
+        return len(set(n for n in lengths if n > 0)) >= 2  # seen at two different lengths
+
+    await wait_until(grew, timeout=120, interval=0.05, what="the answer to grow while streaming")
+    await wait_until(lambda: stats_count(page), timeout=120, what="the stats under the answer")
+    footer = await page.locator(".oa-stats").last.text_content()
+    assert "tokens/s" in footer and "first token" in footer and "node-0" in footer
+    assert len((await last_answer(page)).strip()) > 20
+    assert outside == [], f"the page loaded from outside: {outside}"
+    await page.screenshot(path=str(shots(tmp_path) / "ui-chat.png"))
+    await context.close()
+
+
+async def ui_process(nats_url: str, port: int) -> asyncio.subprocess.Process:
+    """The app as its own process (`ollama-autoscaler ui`), to be restarted by a test."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autoscaler.cli",
+        "--nats",
+        nats_url,
+        "ui",
+        "--port",
+        str(port),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+    async def answers() -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(f"http://127.0.0.1:{port}/")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    await wait_until(answers, timeout=60, what="the UI process to answer")
+    return proc
+
+
+async def test_reload_mid_answer_replays_and_completes_and_history_survives_a_restart(world):
+    stack, _ui, browser = world
+    port = free_port()
+    app = await ui_process(stack.nats_url, port)
+    try:
+        context, page, _ = await open_page(browser, f"http://127.0.0.1:{port}/")
+        await pick_model(page, A)  # the base Gemma: it writes on until max tokens
+        await set_max_tokens(page, 300)
+        await send(page, "Tell a long story.")
+        await wait_until(
+            lambda: _answer_longer_than(page, 10), timeout=120, what="the answer to have begun"
+        )
+        url = page.url
+        await page.reload()
+        await page.wait_for_selector("text=New chat", timeout=60_000)
+        await wait_until(lambda: stats_count(page), timeout=180, what="the answer to complete")
+        assert page.url == url and len((await last_answer(page)).strip()) > 20
+        # Restart the app: the history is in KV, not in the app.
+        app.terminate()
+        await app.wait()
+        app = await ui_process(stack.nats_url, port)
+        await page.reload()
+        await page.wait_for_selector("text=New chat", timeout=60_000)
+        await wait_until(
+            lambda: page.get_by_text("Tell a long story.").count(), timeout=60, what="history"
+        )
+        await wait_until(lambda: stats_count(page), timeout=60, what="the answer in the history")
+        await context.close()
+    finally:
+        if app.returncode is None:
+            app.terminate()
+            await app.wait()
+
+
+async def _answer_longer_than(page: Any, n: int) -> bool:
+    """The last answer has streamed more than `n` characters (not a waiting status)."""
+    streaming = await page.locator(".message").evaluate_all(
+        "els => els.length > 0 && !(els[els.length - 1].shadowRoot || els[els.length - 1])"
+        ".querySelector('.oa-status')"
+    )
+    return bool(streaming) and len((await last_answer(page)).strip()) > n
+
+
+async def test_stop_mid_answer_ends_it_within_a_second_and_frees_the_lease(world):
+    stack, ui, browser = world
+    ends = await Collector().attach(stack.svc.nc, "ollama.chat.completed", "ollama.chat.failed")
+    context, page, _ = await open_page(browser, ui.url)
+    await page.click("button:has-text('New chat')")
+    await pick_model(page, A)
+    await set_max_tokens(page, 400)
+    await send(page, "Tell a long story.")
+    await wait_until(lambda: _answer_longer_than(page, 10), timeout=120, what="streaming")
+    t0 = time.monotonic()
+    await page.click("button:has-text('Stop')")
+    await wait_until(lambda: page.get_by_text("cancelled").count(), timeout=30, what="cancelled")
+    assert time.monotonic() - t0 < 5  # the UI shows it; the system stopped well within that
+    failed = [e for e in ends.of_type("chat.failed") if e.data["error"]["code"] == "cancelled"]
+    assert len(failed) == 1 and failed[0].data["text"]  # stopped mid-answer, text kept
+    task_id = failed[0].data["task_id"]
+    assert not [e for e in ends.of_type("chat.completed") if e.data["task_id"] == task_id]
+
+    async def free() -> bool:
+        rec, _ = await stack.svc.fleet.get("node-0")
+        return all(task_id not in s.leases for s in rec.models.values())
+
+    await wait_until(free, timeout=10, what="the lease released")
+    await context.close()
+
+
+async def test_a_request_that_must_wait_shows_why_then_answers(world):
+    stack, ui, browser = world
+    fleet = stack.svc.fleet
+    await plain_chat(stack.svc.nc, A, "hi", timeout=120, max_tokens=2)  # A resident
+    await fleet.update("node-0", lambda r: state.take_lease(r, A, "held-by-test", time.time()))
+    context, page, _ = await open_page(browser, ui.url)
+    await page.click("button:has-text('New chat')")
+    await pick_model(page, B)  # needs A's memory, and A is in use
+    await send(page, "Hello")
+    await wait_until(
+        lambda: page.get_by_text("queued — waiting for memory").count(),
+        timeout=60,
+        what="the queued state shown",
+    )
+    await fleet.update(
+        "node-0", lambda r: state.release_lease(r, A, "held-by-test", time.time(), 300)
+    )
+    await stack.svc.waiting.wake_heads("test-release")
+    await wait_until(lambda: stats_count(page), timeout=180, what="the answer after waiting")
+    footer = await page.locator(".oa-stats").last.text_content()
+    assert "queue 0 ms" not in footer
+    await context.close()
+
+
+async def test_models_view_loads_and_evicts_and_the_fleet_view_follows(world, tmp_path):
+    _, ui, browser = world
+    context, page, _ = await open_page(browser, ui.url)
+    await page.click("text=Models")
+    await wait_until(lambda: page.locator("#oa-models").count(), timeout=30, what="the table")
+    select = page.locator("select").nth(1)
+    await select.select_option(label=SMOL)
+    await page.click("button:has-text('Load')")
+    try:
+        await wait_until(
+            lambda: page.get_by_text(f"{SMOL} is ready").count(), timeout=120, what="loaded"
+        )
+    except AssertionError:
+        await page.screenshot(path=str(shots(tmp_path) / "ui-models-failed.png"))
+        raise
+    await page.screenshot(path=str(shots(tmp_path) / "ui-models.png"))
+    await page.click("text=Fleet")
+    card = page.locator("#node-node-0")
+    await wait_until(lambda: _contains(card, SMOL), timeout=30, what="the fleet card")
+    await page.screenshot(path=str(shots(tmp_path) / "ui-fleet.png"))
+    await page.click("text=Models")
+    await page.click("button:has-text('Evict')")
+    await wait_until(
+        lambda: page.get_by_text(f"{SMOL} evicted").count(), timeout=60, what="evicted"
+    )
+    await page.click("text=Fleet")
+    await wait_until(lambda: _lacks(card, SMOL), timeout=30, what="the card without it")
+    await wait_until(
+        lambda: page.locator("#oa-log").get_by_text(f"{SMOL} evicted").count(),
+        timeout=30,
+        what="the eviction in the event log",
+    )
+    await context.close()
+
+
+async def _contains(loc: Any, text: str) -> bool:
+    return text in (await loc.text_content() or "")
+
+
+async def _lacks(loc: Any, text: str) -> bool:
+    return text not in (await loc.text_content() or "")
+
+
+async def test_two_browsers_chat_at_once_without_mixing(world):
+    _stack, ui, browser = world
+    (c1, p1, _), (c2, p2, _) = await asyncio.gather(
+        open_page(browser, ui.url), open_page(browser, ui.url)
+    )
+    assert p1.url != p2.url  # two owners
+    for page in (p1, p2):
+        await pick_model(page, SMOL)
+    await asyncio.gather(send(p1, "Name a red fruit."), send(p2, "Name a blue bird."))
+    for page in (p1, p2):
+        await wait_until(lambda p=page: stats_count(p), timeout=180, what="both answers")
+    assert await p1.get_by_text("Name a blue bird.").count() == 0
+    assert await p2.get_by_text("Name a red fruit.").count() == 0
+    await c1.close()
+    await c2.close()
+
+
+async def test_nats_unreachable_shows_a_banner_and_recovers_by_itself(world, tmp_path):
+    _stack, _ui, browser = world
+    from ui.serve import serve
+
+    port = free_port()
+    nats_port = free_port()
+    server = serve(f"nats://127.0.0.1:{nats_port}", "127.0.0.1", port)
+    server.start()
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(f"http://127.0.0.1:{port}/")
+    banner = page.get_by_text("NATS is unreachable")
+    await wait_until(lambda: banner.count(), timeout=60, what="the banner")
+    url, proc = start_nats(tmp_path / "js", nats_port)
+    nc = await bus.connect(url)
+    await bus.provision(nc.jetstream())  # as the stack does when it starts
+    await nc.close()
+    try:
+        await wait_until(lambda: _zero(banner), timeout=60, what="the banner to go")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        await context.close()
+        server.stop()
+
+
+async def _zero(loc: Any) -> bool:
+    return await loc.count() == 0
+
+
+async def test_a_non_loopback_address_needs_auth_and_a_wrong_password_is_refused(world):
+    stack, _ui, _browser = world
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autoscaler.cli",
+        "--nats",
+        stack.nats_url,
+        "ui",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(free_port()),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OA_UI_PASSWORD")},
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "without auth" in lines[0], lines
+
+    from ui.serve import serve
+
+    port = free_port()
+    os.environ["OA_UI_PASSWORD"] = "right-horse-battery"
+    try:
+        server = serve(stack.nats_url, "127.0.0.1", port)
+    finally:
+        del os.environ["OA_UI_PASSWORD"]
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            anonymous = await client.get("/")
+            wrong = await client.post("/login", data={"username": "me", "password": "nope"})
+            right = await client.post(
+                "/login", data={"username": "me", "password": "right-horse-battery"}
+            )
+        assert anonymous.status_code == 302 and "login" in anonymous.headers["location"]
+        assert "error" in wrong.headers.get("location", "") or wrong.status_code >= 400
+        assert "user" not in wrong.cookies
+        assert right.status_code == 302 and "error" not in right.headers.get("location", "")
+        assert "user" in right.cookies
+    finally:
+        server.stop()
+
+
+def test_check_access_rules():
+    from ui.serve import RefusedToServe, check_access
+
+    check_access("127.0.0.1", None)
+    check_access("::1", None)
+    check_access("0.0.0.0", "secret")
+    with pytest.raises(RefusedToServe, match="without auth"):
+        check_access("0.0.0.0", None)
+    with pytest.raises(RefusedToServe):
+        check_access("192.168.1.5", "")
