@@ -84,11 +84,11 @@ async def cmd_up(args: argparse.Namespace) -> int:
         try:
             ui_server = serve(stack.nats_url, args.ui_host, args.ui_port)
             ui_server.start()
-            print(f"  {'ui':<26} in this process  http://{args.ui_host}:{args.ui_port}/")
         except (RefusedToServe, OSError) as exc:
             print(f"warning: the UI did not start: {exc}", file=sys.stderr)
     print(stack.describe(), flush=True)
     if ui_server is not None:
+        print(f"  {'ui':<26} in this process  http://{args.ui_host}:{args.ui_port}/")
         print(f"\nopen the UI:  http://{args.ui_host}:{args.ui_port}/", flush=True)
     first = (cfg.chat_model or cfg.models[0]) if cfg.nodes else "MODEL"
     print(

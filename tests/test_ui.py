@@ -431,3 +431,44 @@ def test_check_access_rules():
         check_access("0.0.0.0", None)
     with pytest.raises(RefusedToServe):
         check_access("192.168.1.5", "")
+
+
+async def test_up_with_the_ui_stops_everything_on_ctrl_c(tmp_path):
+    """The UI server must not take Ctrl-C from `up` (its own handler stopped the event loop
+    and left every child running)."""
+    import psutil
+
+    ui_port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autoscaler.cli",
+        "up",
+        "--nodes",
+        "0",
+        "--state-dir",
+        str(tmp_path),
+        "--nats-port",
+        str(free_port()),
+        "--function-port",
+        "0",
+        "--ui-port",
+        str(ui_port),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    seen = b""
+    while b"open the UI" not in seen:
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+        assert line, seen.decode()
+        seen += line
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children
+    proc.send_signal(2)
+    rest, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0 and b"stopped." in rest, rest.decode()[-2000:]
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, alive

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,19 @@ def serve(nats_url: str, host: str = "127.0.0.1", port: int = 8501, show: bool =
     extra: dict[str, Any] = {}
     if password:
         extra = {"basic_auth": password, "cookie_secret": secrets.token_hex(16)}
-    return pn.serve(
+    # pn.serve installs a SIGINT handler that stops the event loop under the caller's feet
+    # (the stack would not stop its children): keep the caller's handler.
+    previous = signal.getsignal(signal.SIGINT)
+    server = pn.serve(
         {"/": make_app(ui)},
         address=host,
         port=port,
         show=show,
         start=False,
         title="Ollama Autoscaler",
+        verbose=False,
         websocket_origin=[f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"],
         **extra,
     )
+    signal.signal(signal.SIGINT, previous)
+    return server
