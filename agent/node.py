@@ -70,10 +70,11 @@ class NodeAgent:
         interval_s: float = 2.0,
         runtime_log: str | None = None,
         waiting: Waiting | None = None,
+        models_dir: str | None = None,
     ) -> None:
         self.fleet, self.node_id, self.runtime = fleet, node_id, runtime
         self.capacity_bytes, self.probe, self.interval_s = capacity_bytes, probe, interval_s
-        self.runtime_log = runtime_log
+        self.runtime_log, self.models_dir = runtime_log, models_dir
         self.waiting = waiting  # woken when the node (re)joins: its memory is free
 
     async def register(self) -> NodeRecord:
@@ -104,7 +105,7 @@ class NodeAgent:
             new.capacity_bytes = self.capacity_bytes
             if available is not None:
                 new.available = available
-            new.runtime_log = self.runtime_log
+            new.runtime_log, new.models_dir = self.runtime_log, self.models_dir
             if keep_only is not None:
                 new.models = {m: s for m, s in new.models.items() if m in keep_only}
             if fresh:
@@ -120,6 +121,7 @@ class NodeAgent:
             heartbeat_at=now,
             available=available or [],
             runtime_log=self.runtime_log,
+            models_dir=self.models_dir,
         )
         return await self.fleet.upsert(fresh, transition)
 

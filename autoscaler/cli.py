@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(fn=cmd_ui)
 
     w = sub.add_parser("worker", help="pull worker: run functions in-process on a running bus")
-    w.add_argument("--functions", default="chat,cancel,load,evict,reconcile")
+    w.add_argument("--functions", default="chat,cancel,load,evict,pull,reconcile")
     w.set_defaults(fn=cmd_worker)
 
     c = sub.add_parser("chat", help="send a prompt, stream the answer, print stats")

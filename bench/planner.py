@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from domain.planner import Candidate, min_cost_cover, tie_key
-from stack.local import estimate_loaded_bytes
+from stores.catalog import estimate_loaded_bytes
 
 from .catalog import load_catalog
 

@@ -54,6 +54,7 @@ class NodeRecord(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict)  # model -> last load error
     next_gen: int = 1  # the gen of the next slot created on this node
     runtime_log: str | None = None  # where the node agent sees the runtime's log, if it does
+    models_dir: str | None = None  # where pulled GGUFs go (llama.cpp nodes of the local stack)
 
     def committed_bytes(self) -> int:
         return sum(s.bytes for s in self.models.values())

@@ -59,6 +59,7 @@ CONSUMERS: dict[str, ConsumerSpec] = {
     "cancel": ConsumerSpec("cancel", "chat.cancel", ack_wait_s=30.0),
     "load": ConsumerSpec("load", "model.load", ack_wait_s=30.0),
     "evict": ConsumerSpec("evict", "model.evict", ack_wait_s=30.0),
+    "pull": ConsumerSpec("pull", "model.pull", ack_wait_s=30.0),
     "reconcile": ConsumerSpec("reconcile", "fleet.tick", ack_wait_s=30.0, max_ack_pending=1),
 }
 

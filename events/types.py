@@ -151,13 +151,20 @@ class ModelEvicted(_Data):
 
 
 class ModelPull(_Data):
+    """Fetch a model onto a node: from the Ollama library (Ollama nodes), or a GGUF from an
+    http(s) `url` (llama.cpp nodes), checked against `sha256` when given."""
+
     model: ModelName
     node: str | None = None
+    url: str | None = Field(default=None, pattern=r"^https?://", max_length=2048)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
 
 class ModelPullProgress(_Data):
     model: str
     node: str | None = None
+    task_id: str = ""
+    status: str = ""
     completed: int
     total: int
 
@@ -165,6 +172,15 @@ class ModelPullProgress(_Data):
 class ModelPulled(_Data):
     model: str
     node: str | None = None
+    task_id: str = ""
+    bytes: int = 0
+
+
+class ModelPullFailed(_Data):
+    model: str
+    node: str | None = None
+    task_id: str = ""
+    error: ErrorInfo
 
 
 class FleetTick(_Data):
@@ -199,6 +215,7 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     "model.pull": ModelPull,
     "model.pull.progress": ModelPullProgress,
     "model.pulled": ModelPulled,
+    "model.pull.failed": ModelPullFailed,
     "fleet.tick": FleetTick,
 }
 

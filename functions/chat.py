@@ -484,7 +484,7 @@ async def _stream(
     running_saved = asyncio.create_task(
         run.save(state="running", node=node_id, runs=runs, waiter_seq=None)
     )
-    runtime = svc.runtime(record.runtime, record.url, record.runtime_log)
+    runtime = svc.runtime_of(record)
     messages = [m.model_dump() for m in req.messages]
     pieces = run.pieces
     pieces.clear()

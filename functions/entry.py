@@ -21,7 +21,7 @@ from events.codec import CodecError, Event, decode
 from events.dispatcher import Dispatcher, in_process, over_http
 from events.outcome import Outcome, Reject, to_http
 
-from . import cancel, chat, evict, load, reconcile
+from . import cancel, chat, evict, load, pull, reconcile
 from .services import Services, shared_services
 
 Handler = Callable[[Services, Event, int], Awaitable[Outcome]]
@@ -33,6 +33,7 @@ HANDLERS: dict[str, Handler] = {
     "cancel": cancel.handle,
     "load": load.handle,
     "evict": evict.handle,
+    "pull": pull.handle,
     "reconcile": reconcile.handle,
 }
 
@@ -115,6 +116,11 @@ async def load_fn(request: Request) -> Response:
 @ffa.http
 async def evict_fn(request: Request) -> Response:
     return await _serve("evict", request)
+
+
+@ffa.http
+async def pull_fn(request: Request) -> Response:
+    return await _serve("pull", request)
 
 
 @ffa.http

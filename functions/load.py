@@ -89,7 +89,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             # Loading now could over-commit the runtime's memory: try again later (reconcile
             # re-sends the stuck evictions meanwhile).
             return Retry(5.0, f"evictions on {node_id} still pending; {req.model} waits")
-    runtime = svc.runtime(record.runtime, record.url, record.runtime_log)
+    runtime = svc.runtime_of(record)
     t0 = time.perf_counter()
     try:
         await runtime.load(req.model, svc.settings.load_timeout_s)

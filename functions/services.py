@@ -17,6 +17,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.planner import Policy
+from domain.state import NodeRecord
 from events import bus
 from events.codec import CodecError, decode
 from events.types import subject_for
@@ -79,11 +80,17 @@ class Services:
 
         self._cancel_sub = await self.nc.subscribe(subject_for("chat.cancel"), cb=heard)
 
-    def runtime(self, kind: str, url: str, log_path: str | None = None) -> Runtime:
+    def runtime(
+        self, kind: str, url: str, log_path: str | None = None, models_dir: str | None = None
+    ) -> Runtime:
         key = (kind, url)
         if key not in self.runtimes:
-            self.runtimes[key] = make_runtime(kind, url, log_path)
+            self.runtimes[key] = make_runtime(kind, url, log_path, models_dir)
         return self.runtimes[key]
+
+    def runtime_of(self, record: NodeRecord) -> Runtime:
+        """The adapter for a node's runtime."""
+        return self.runtime(record.runtime, record.url, record.runtime_log, record.models_dir)
 
     async def close(self) -> None:
         for rt in self.runtimes.values():

@@ -25,12 +25,21 @@ def register(kind: str, factory: RuntimeFactory) -> None:
     RUNTIMES[kind] = factory
 
 
-def make_runtime(kind: str, url: str, log_path: str | Path | None = None) -> Runtime:
+def make_runtime(
+    kind: str,
+    url: str,
+    log_path: str | Path | None = None,
+    models_dir: str | Path | None = None,
+) -> Runtime:
+    """A runtime adapter; `log_path` and `models_dir` are known where the runtime runs beside
+    its node agent (the local stack): its log (to explain a dead model process) and where
+    pulled models go."""
     try:
         factory = RUNTIMES[kind]
     except KeyError:
         raise ValueError(f"unknown runtime kind {kind!r}; known: {sorted(RUNTIMES)}") from None
-    return factory(url, log_path=log_path) if log_path else factory(url)
+    extra = {k: v for k, v in (("log_path", log_path), ("models_dir", models_dir)) if v}
+    return factory(url, **extra)
 
 
 __all__ = ["RUNTIMES", "Runtime", "RuntimeFailure", "make_runtime", "register"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
@@ -16,6 +17,22 @@ class RuntimeFailure(RuntimeError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+Progress = Callable[[int, int, str], Awaitable[None]]  # completed, total, status
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What a pull left on the node: the file (llama.cpp) and what is known of the model."""
+
+    bytes: int
+    path: str | None = None
+    family: str | None = None
+    params: str | None = None
+    quant: str | None = None
+    context: int | None = None
+    digest: str | None = None
 
 
 class Runtime(Protocol):
@@ -42,6 +59,13 @@ class Runtime(Protocol):
         self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
     ) -> AsyncIterator[str]:
         """Stream the reply's text pieces."""
+        ...
+
+    async def pull(
+        self, model: str, url: str | None, sha256: str | None, progress: Progress
+    ) -> PullResult:
+        """Fetch the model onto the node, reporting progress; RuntimeFailure on failure, and
+        then nothing half-written is left behind."""
         ...
 
     async def aclose(self) -> None: ...

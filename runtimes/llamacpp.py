@@ -11,6 +11,7 @@ that process printed, which say why.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -19,9 +20,11 @@ from typing import Any
 
 import httpx
 
-from .base import RuntimeFailure, http_errors, poll_until
+from . import gguf_info
+from .base import Progress, PullResult, RuntimeFailure, http_errors, poll_until
 
 TAIL_LINES = 8
+SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def child_log_tail(log_path: Path, model: str, lines: int = TAIL_LINES) -> list[str]:
@@ -56,8 +59,10 @@ class LlamaCppRuntime:
         url: str,
         client: httpx.AsyncClient | None = None,
         log_path: str | Path | None = None,
+        models_dir: str | Path | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.models_dir = Path(models_dir) if models_dir else None
         self.client = client or httpx.AsyncClient(
             base_url=self.url, timeout=httpx.Timeout(10.0, read=600.0)
         )
@@ -190,6 +195,77 @@ class LlamaCppRuntime:
                 f"the stream from {model} on {self.url} ended without finishing "
                 "(its process died or was unloaded)",
             )
+
+    async def pull(
+        self, model: str, url: str | None, sha256: str | None, progress: Progress
+    ) -> PullResult:
+        """Download a GGUF from `url` into the node's models directory: a temporary file,
+        checked (sha256, GGUF header), then renamed; then the router re-reads its models."""
+        if self.models_dir is None:
+            raise RuntimeFailure(
+                "pull_unsupported", f"llama-server at {self.url} has no models directory we manage"
+            )
+        if not url:
+            raise RuntimeFailure("invalid_request", "a llama.cpp node pulls from a GGUF url")
+        if not SAFE_FILE_NAME.match(model):
+            raise RuntimeFailure(
+                "invalid_request",
+                f"{model!r} cannot name a file: use letters, digits, '.', '_' and '-'",
+            )
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        target = self.models_dir / f"{model}.gguf"
+        if target.exists() or model in await self.available():
+            raise RuntimeFailure("already_exists", f"{model} already exists on {self.url}")
+        partial = self.models_dir / f".{model}.gguf.partial"
+        digest = hashlib.sha256()
+        try:
+            await self._download(url, partial, digest, progress)
+            if sha256 and digest.hexdigest() != sha256.lower():
+                raise RuntimeFailure(
+                    "checksum_mismatch",
+                    f"{url} has sha256 {digest.hexdigest()}, expected {sha256.lower()}",
+                )
+            try:
+                info = gguf_info.read(partial)
+            except ValueError as exc:
+                raise RuntimeFailure("not_gguf", f"{url}: {exc}") from exc
+            partial.rename(target)
+        finally:
+            partial.unlink(missing_ok=True)  # a failed or cut download leaves nothing behind
+        with http_errors(self.url, "reload its models"):
+            (await self.client.get("/models", params={"reload": "1"})).raise_for_status()
+        return PullResult(
+            bytes=info.file_bytes,
+            path=str(target),
+            family=info.architecture,
+            params=info.params,
+            quant=info.quant,
+            context=info.context,
+            digest=f"sha256:{digest.hexdigest()}",
+        )
+
+    async def _download(self, url: str, partial: Path, digest: Any, progress: Progress) -> None:
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), follow_redirects=True) as c:
+                async with c.stream("GET", url) as resp:
+                    if resp.status_code >= 400:
+                        raise RuntimeFailure(
+                            "download_failed", f"GET {url}: HTTP {resp.status_code}"
+                        )
+                    total = int(resp.headers.get("content-length") or 0)
+                    done = 0
+                    with partial.open("wb") as out:
+                        async for chunk in resp.aiter_bytes(1 << 20):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            done += len(chunk)
+                            await progress(done, total, "downloading")
+                    if total and done != total:
+                        raise RuntimeFailure(
+                            "download_failed", f"GET {url}: got {done} of {total} bytes"
+                        )
+        except httpx.HTTPError as exc:
+            raise RuntimeFailure("download_failed", f"GET {url}: {exc!r}") from exc
 
     async def aclose(self) -> None:
         await self.client.aclose()

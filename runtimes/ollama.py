@@ -13,14 +13,18 @@ from typing import Any
 
 import httpx
 
-from .base import RuntimeFailure, http_errors, poll_until
+from .base import Progress, PullResult, RuntimeFailure, http_errors, poll_until
 
 
 class OllamaRuntime:
     kind = "ollama"
 
     def __init__(
-        self, url: str, client: httpx.AsyncClient | None = None, log_path: object = None
+        self,
+        url: str,
+        client: httpx.AsyncClient | None = None,
+        log_path: object = None,
+        models_dir: object = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.client = client or httpx.AsyncClient(
@@ -112,6 +116,45 @@ class OllamaRuntime:
             raise RuntimeFailure(
                 "interrupted", f"the stream from {model} on {self.url} ended without `done`"
             )
+
+    async def pull(
+        self, model: str, url: str | None, sha256: str | None, progress: Progress
+    ) -> PullResult:
+        """`/api/pull` from the Ollama library, its streamed progress passed on."""
+        if url:
+            raise RuntimeFailure("invalid_request", "an Ollama node pulls by name, not from a url")
+        ok = False
+        with http_errors(self.url, f"pull {model}", "download_failed"):
+            async with self.client.stream(
+                "POST", "/api/pull", json={"model": model, "stream": True}, timeout=None
+            ) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    self._raise_for(resp, model, "pull")
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    chunk = json.loads(line)
+                    if "error" in chunk:
+                        raise RuntimeFailure("download_failed", f"ollama: {chunk['error']}")
+                    status = str(chunk.get("status", ""))
+                    await progress(
+                        int(chunk.get("completed") or 0), int(chunk.get("total") or 0), status
+                    )
+                    ok = ok or status == "success"
+        if not ok:
+            raise RuntimeFailure("download_failed", f"ollama's pull of {model} did not finish")
+        for m in (await self._get("/api/tags")).get("models", []):
+            if m.get("name") == model:
+                details = m.get("details") or {}
+                return PullResult(
+                    bytes=int(m.get("size") or 0),
+                    family=details.get("family"),
+                    params=details.get("parameter_size"),
+                    quant=details.get("quantization_level"),
+                    digest=m.get("digest"),
+                )
+        raise RuntimeFailure("download_failed", f"ollama pulled {model} but does not list it")
 
     async def aclose(self) -> None:
         await self.client.aclose()

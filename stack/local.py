@@ -39,7 +39,7 @@ from events.dispatcher import Dispatcher
 from functions.entry import dispatcher
 from functions.services import Services, Settings, open_services
 from runtimes import make_runtime
-from stores.catalog import Catalog, ModelInfo
+from stores.catalog import Catalog, ModelInfo, estimate_loaded_bytes
 
 from .assets import (
     CACHE_DIR,
@@ -100,13 +100,6 @@ def _bin(name: str) -> str:
     return found
 
 
-# Memory of a loaded model = file size + KV cache and compute buffers. Without per-model GGUF
-# metadata we estimate the overhead as 20 % of the file plus 256 MiB (a 2-4k context on a
-# 1-8B model; shared/notes/ollama.md §1.6 has Ollama's own, finer estimate).
-def estimate_loaded_bytes(file_bytes: int) -> int:
-    return int(file_bytes * 1.2) + 256 * MIB
-
-
 async def register_ollama_models(catalog: Catalog, url: str) -> None:
     """Put every model an Ollama server has pulled into the catalog (unless already there)."""
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -140,7 +133,7 @@ class StackConfig:
     runtime_port: int = 8081  # node i listens on runtime_port + i; 0 = any free port
     function_port: int = 8090  # function i listens on function_port + i; 0 = any free port
     transport: str = "http"
-    functions: tuple[str, ...] = ("chat", "cancel", "load", "evict", "reconcile")
+    functions: tuple[str, ...] = ("chat", "cancel", "load", "evict", "pull", "reconcile")
     tick_s: float = 5.0
     settings: Settings = field(default_factory=Settings)
     ack_wait_s: float | None = None
@@ -431,6 +424,8 @@ class LocalStack:
                     str(binary),
                     "--models-preset",
                     str(preset),
+                    "--models-dir",
+                    str(self.models_dir(node_id)),
                     "--models-max",
                     "0",
                     "--no-models-autoload",
@@ -524,10 +519,12 @@ class LocalStack:
         await self.register_catalog(svc.catalog)
         for node_id, url in self.runtime_urls.items():
             proc = next((p for p in self.procs if p.name == f"llama-server-{node_id}"), None)
+            models_dir = str(self.models_dir(node_id)) if proc else None
             runtime = make_runtime(
                 self.runtime_kinds.get(node_id, "llamacpp"),
                 url,
                 proc.log_path if proc else None,
+                models_dir,
             )
             probe = nvml_probe() or (
                 process_tree_probe(lambda p=proc: p.popen.pid, self.cfg.node_memory)
@@ -542,6 +539,7 @@ class LocalStack:
                 probe,
                 runtime_log=str(proc.log_path) if proc else None,
                 waiting=svc.waiting,
+                models_dir=models_dir,
             )
             self.agents[node_id] = agent
             await agent.register()
@@ -551,6 +549,12 @@ class LocalStack:
             self.dispatchers.append(d)
             self.tasks.append(asyncio.create_task(d.run(self.stop_event)))
         self.tasks.append(asyncio.create_task(self._ticker(svc)))
+
+    def models_dir(self, node_id: str) -> Path:
+        """Where pulled GGUFs of a llama.cpp node go (its router reads them as models)."""
+        path = self.cfg.state_dir / "nodes" / node_id / "models"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     async def _rejoin(self, node_id: str) -> None:
         """A node's runtime restarted empty: forget its residency, as on a first start."""

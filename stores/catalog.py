@@ -13,6 +13,14 @@ from events.bus import MODELS_BUCKET, keys_matching
 from events.keys import decode_name, model_key
 
 
+# Memory of a loaded model = file size + KV cache and compute buffers. Without per-model GGUF
+# metadata we estimate the overhead as 20 % of the file plus 256 MiB (a 2-4k context on a
+# 1-8B model; shared/notes/ollama.md §1.6 has Ollama's own, finer estimate).
+def estimate_loaded_bytes(file_bytes: int) -> int:
+    return int(file_bytes * 1.2) + 256 * (1 << 20)
+
+
+
 class ModelInfo(BaseModel):
     name: str
     bytes: int  # memory when loaded (weights + KV cache for `context`)

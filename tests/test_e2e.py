@@ -46,7 +46,7 @@ async def make_stack(tmp_path) -> AsyncIterator[StackFactory]:
     async def make(
         node_memory: int = 1536 * MIB,
         transport: str = "inprocess",
-        functions: tuple[str, ...] = ("chat", "cancel", "load", "evict", "reconcile"),
+        functions: tuple[str, ...] = ("chat", "cancel", "load", "evict", "pull", "reconcile"),
         ack_wait_s: float | None = None,
     ) -> tuple[LocalStack, Any]:
         cfg = StackConfig(

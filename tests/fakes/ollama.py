@@ -46,6 +46,7 @@ class FakeOllama:
         # Fault injection: end a chat stream after this many tokens without its `done` line
         # (as when the model's process dies), and hold loads until `load_gate` is set.
         self.cut_after: int | None = None
+        self.pullable: dict[str, int] = {"qwen2.5:0.5b": 397_821_319}  # what /api/pull finds
         self.load_gate: asyncio.Event | None = None
 
     def _details(self, name: str) -> dict[str, Any]:
@@ -213,6 +214,37 @@ class FakeOllama:
 
             return StreamingResponse(stream(), media_type="application/x-ndjson")
 
+        async def pull(request: Request) -> Response:
+            try:
+                body = await request.json()
+            except json.JSONDecodeError:
+                return JSONResponse({"error": "invalid JSON"}, status_code=400)
+            name = str(body.get("model") or "")
+            self.requests.append((request.url.path, body))
+            size = self.pullable.get(name)
+
+            async def stream() -> AsyncIterator[bytes]:
+                yield (json.dumps({"status": "pulling manifest"}) + "\n").encode()
+                if size is None:  # Ollama reports an unknown model as an error line
+                    yield (
+                        json.dumps({"error": "pull model manifest: file does not exist"}) + "\n"
+                    ).encode()
+                    return
+                for done in range(0, size + 1, max(1, size // 8)):
+                    await asyncio.sleep(self.token_s)
+                    line = {
+                        "status": f"pulling {name}",
+                        "digest": "sha256:fake",
+                        "total": size,
+                        "completed": done,
+                    }
+                    yield (json.dumps(line) + "\n").encode()
+                self.library[name] = size
+                for status in ("verifying sha256 digest", "writing manifest", "success"):
+                    yield (json.dumps({"status": status}) + "\n").encode()
+
+            return StreamingResponse(stream(), media_type="application/x-ndjson")
+
         async def show(request: Request) -> Response:
             body = await body_of(request)
             if isinstance(body, Response):
@@ -238,6 +270,7 @@ class FakeOllama:
                 Route("/api/generate", generate, methods=["POST"]),
                 Route("/api/chat", chat, methods=["POST"]),
                 Route("/api/show", show, methods=["POST"]),
+                Route("/api/pull", pull, methods=["POST"]),
             ]
         )
 
