@@ -472,3 +472,75 @@ async def test_up_with_the_ui_stops_everything_on_ctrl_c(tmp_path):
     assert proc.returncode == 0 and b"stopped." in rest, rest.decode()[-2000:]
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, alive
+
+
+async def test_pull_shows_progress_then_the_model_loads_and_evicts_and_a_bad_pull_leaves_nothing(
+    world, tmp_path
+):
+    import hashlib
+    import http.server
+    import shutil
+    import threading
+
+    from stack.assets import ensure_smollm2
+
+    stack, ui, browser = world
+    www = tmp_path / "www"
+    www.mkdir()
+    gguf = ensure_smollm2()
+    shutil.copy(gguf, www / "smol.gguf")
+    sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, directory=str(www), **k)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    models_dir = stack.models_dir("node-0")
+    context, page, _ = await open_page(browser, ui.url)
+    try:
+        await page.click("text=Models")
+        # A bad checksum: an error, and no file left behind.
+        await page.get_by_label("New model name").fill("smol-bad")
+        await page.get_by_label("GGUF URL (llama.cpp nodes; empty: Ollama library)").fill(
+            f"{base}/smol.gguf"
+        )
+        await page.get_by_label("sha256 (optional)").fill("0" * 64)
+        await page.click("button:has-text('Pull')")
+        await wait_until(
+            lambda: page.get_by_text("checksum_mismatch").count(), timeout=120, what="the error"
+        )
+        assert not list(models_dir.glob("*smol-bad*"))
+        # A good pull: the bar moves, then the model is in the catalog.
+        await page.get_by_label("New model name").fill("smol-ui")
+        await page.get_by_label("sha256 (optional)").fill(sha)
+        await page.click("button:has-text('Pull')")
+        await wait_until(
+            lambda: page.get_by_text("smol-ui pulled onto node-0").count(),
+            timeout=120,
+            what="pulled",
+        )
+        assert await page.locator("progress").count() >= 1
+        await page.screenshot(path=str(shots(tmp_path) / "ui-pull.png"))
+        await wait_until(
+            lambda: _contains(page.locator("#oa-models"), "smol-ui"),
+            timeout=30,
+            what="the pulled model in the table",
+        )
+        await page.locator("select").nth(1).select_option(label="smol-ui")
+        await page.click("button:has-text('Load')")
+        await wait_until(
+            lambda: page.get_by_text("smol-ui is ready").count(), timeout=120, what="loaded"
+        )
+        await page.click("button:has-text('Evict')")
+        await wait_until(
+            lambda: page.get_by_text("smol-ui evicted").count(), timeout=60, what="evicted"
+        )
+    finally:
+        server.shutdown()
+        await context.close()

@@ -131,6 +131,18 @@ class ChatApp:
         self.evict_btn = pn.widgets.Button(name="Evict", button_type="warning")
         self.manage_status = pn.pane.HTML("", sizing_mode="stretch_width")
         self.fleet_html = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.pull_name = pn.widgets.TextInput(name="New model name", placeholder="my-model")
+        self.pull_url = pn.widgets.TextInput(
+            name="GGUF URL (llama.cpp nodes; empty: Ollama library)",
+            placeholder="https://…",
+            width=420,
+        )
+        self.pull_sha = pn.widgets.TextInput(name="sha256 (optional)", width=420)
+        self.pull_btn = pn.widgets.Button(name="Pull", button_type="primary")
+        self.pull_bar = pn.indicators.Progress(
+            name="pull", value=0, max=100, visible=False, width=420, bar_color="primary"
+        )
+        self.pull_status = pn.pane.HTML("", sizing_mode="stretch_width")
 
         self.new_btn.on_click(self._on_new)
         self.delete_btn.on_click(self._on_delete)
@@ -138,6 +150,7 @@ class ChatApp:
         self.stop_btn.on_click(self._on_stop)
         self.load_btn.on_click(self._on_load)
         self.evict_btn.on_click(self._on_evict)
+        self.pull_btn.on_click(self._on_pull)
         self.chat_list.param.watch(self._on_switch, "value")
         self.title_in.param.watch(self._on_rename, "value")
         for w in (self.model, self.system, self.temperature, self.max_tokens):
@@ -171,6 +184,12 @@ class ChatApp:
             self.models_html,
             pn.Row(self.manage_model, self.load_btn, self.evict_btn),
             self.manage_status,
+            pn.layout.Divider(),
+            "### Pull a model",
+            pn.Row(self.pull_name, self.pull_url),
+            pn.Row(self.pull_sha, self.pull_btn),
+            self.pull_bar,
+            self.pull_status,
         )
         tabs = pn.Tabs(
             ("Chat", chat), ("Models", models), ("Fleet", self.fleet_html), dynamic=False
@@ -497,6 +516,63 @@ class ChatApp:
                 self.manage_status.object = f"<p>{html.escape(model)} evicted</p>"
                 return
             await asyncio.sleep(0.3)
+
+    async def _on_pull(self, _: Any) -> None:
+        """Publish `model.pull` and show its progress events live, then how it ended."""
+        if self.ui.svc is None:
+            return
+        data = {"model": (self.pull_name.value or "").strip()}
+        if (self.pull_url.value or "").strip():
+            data["url"] = self.pull_url.value.strip()
+        if (self.pull_sha.value or "").strip():
+            data["sha256"] = self.pull_sha.value.strip()
+        event = Event("model.pull", data)
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        bar, status = self.pull_bar, self.pull_status
+
+        async def heard(msg: Any) -> None:
+            with contextlib.suppress(Exception):
+                ev = decode(msg.headers, msg.data)
+                d = ev.data if isinstance(ev.data, dict) else {}
+                if d.get("task_id") != event.id:
+                    return
+                if ev.type == "model.pull.progress" and d.get("total"):
+                    bar.value = min(100, int(100 * d["completed"] / d["total"]))
+                    status.object = (
+                        f"<p>{html.escape(d.get('status', ''))} {fmt_bytes(d['completed'])} of "
+                        f"{fmt_bytes(d['total'])}</p>"
+                    )
+                elif ev.type == "model.pulled" and not done.done():
+                    done.set_result(f"{d['model']} pulled onto {d['node']}")
+                elif ev.type == "model.pull.failed" and not done.done():
+                    err = d.get("error") or {}
+                    done.set_result(f"failed: {err.get('code')}: {err.get('message')}")
+
+        sub = await self.ui.svc.nc.subscribe("ollama.model.pull.>", cb=heard)
+        sub2 = await self.ui.svc.nc.subscribe("ollama.model.pulled", cb=heard)
+        bar.param.update(value=0, visible=True)
+        status.object = f"<p>pulling {html.escape(data['model'])} …</p>"
+        await bus.publish(self.ui.svc.js, event)
+        deadline = time.monotonic() + 3600
+        try:
+            while not done.done() and time.monotonic() < deadline:
+                refused = [
+                    ln
+                    for ln in self.ui.lines
+                    if ln.kind == "dead-letter" and ln.event_id == event.id
+                ]
+                if refused:
+                    done.set_result(f"refused: {refused[-1].text}")
+                await asyncio.sleep(0.2)
+        finally:
+            for s in (sub, sub2):
+                with contextlib.suppress(Exception):
+                    await s.unsubscribe()
+        result = done.result() if done.done() else "no answer yet; see the Fleet view"
+        if not result.startswith(("failed", "refused")):
+            bar.value = 100
+        css = "oa-refused" if result.startswith(("failed", "refused")) else "oa-pulled"
+        status.object = f"<p class='{css}'>{html.escape(result)}</p>"
 
     # -- fleet -----------------------------------------------------------------------------------
     async def _refresh_fleet(self) -> None:

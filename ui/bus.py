@@ -95,6 +95,8 @@ class UiBus:
             ev = decode(msg.headers, msg.data)
         except (CodecError, ValueError):
             return
+        if ev.type == "model.pull.progress":
+            return  # many a second: the Models view shows them, the log would drown
         d = ev.data if isinstance(ev.data, dict) else {}
         text = {
             "model.loaded": lambda: (
