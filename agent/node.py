@@ -77,14 +77,21 @@ class NodeAgent:
         self.runtime_log, self.models_dir = runtime_log, models_dir
         self.waiting = waiting  # woken when the node (re)joins: its memory is free
 
-    async def register(self) -> NodeRecord:
+    async def register(self, runtime_started_at: float | None = None) -> NodeRecord:
         """First beat after the runtime (re)started: forget residency it cannot have.
 
         A previous run may have left `loading`/`ready` slots in KV for a runtime that has
         just started empty; keeping them would hold phantom memory until reconcile caught up.
+        A load placed since the runtime started (`runtime_started_at`) is kept: its
+        `model.load` is on its way to the new process.
         """
         loaded = await self.runtime.loaded()
-        record = await self.beat(await self.runtime.available(), keep_only=set(loaded), fresh=True)
+        record = await self.beat(
+            await self.runtime.available(),
+            keep_only=set(loaded),
+            fresh=True,
+            keep_loading_since=runtime_started_at,
+        )
         if self.waiting is not None:
             await self.waiting.wake_heads(f"join.{self.node_id}.{int(time.time())}")
         return record
@@ -94,6 +101,7 @@ class NodeAgent:
         available: list[str] | None = None,
         keep_only: set[str] | None = None,
         fresh: bool = False,
+        keep_loading_since: float | None = None,
     ) -> NodeRecord:
         measured = self.probe() if self.probe else None
         now = time.time()
@@ -107,7 +115,16 @@ class NodeAgent:
                 new.available = available
             new.runtime_log, new.models_dir = self.runtime_log, self.models_dir
             if keep_only is not None:
-                new.models = {m: s for m, s in new.models.items() if m in keep_only}
+                new.models = {
+                    m: s
+                    for m, s in new.models.items()
+                    if m in keep_only
+                    or (
+                        keep_loading_since is not None
+                        and s.state == "loading"
+                        and s.since >= keep_loading_since
+                    )
+                }
             if fresh:
                 new.errors = {}  # a previous run's load errors say nothing about this one
             return new

@@ -402,7 +402,11 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             text = "".join(run.pieces)
             await _fail(run, "cancelled", f"cancelled after {len(run.pieces)} tokens", text=text)
             return Done("cancelled")
-        return serving.result()
+        outcome = serving.result()
+        if isinstance(outcome, Retry):  # let the redelivery claim it at once
+            with contextlib.suppress(Lost):
+                await run.save(owner=None, owner_until=0.0)
+        return outcome
     except Lost as exc:
         return Done(str(exc))
     finally:
@@ -455,7 +459,9 @@ async def _serve(run: Run, event: Event, req: ChatRequested, info: Any) -> Outco
                 await _release(svc, node_id, req.model, task_id, keep_alive)
                 return Retry(5.0, str(exc))
             if req.model not in record.models:
-                err = record.errors.get(req.model, "the load was abandoned")
+                err = record.errors.get(req.model)
+                if err is None:  # dropped, not failed (its node restarted): place it again
+                    return Retry(0.5, f"the load of {req.model} on {node_id} was abandoned")
                 await _fail(run, "load_failed", f"{req.model} on {node_id}: {err}")
                 return Done("load failed")
             load_ms = (time.time() - held.placed_at) * 1000

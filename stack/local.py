@@ -157,6 +157,7 @@ class Proc:
     on_restart: Callable[[], Awaitable[None]] | None = None
     restarts: int = 0
     started_at: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
 
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -288,7 +289,7 @@ class LocalStack:
             pass
         proc.restarts += 1
         proc.popen = self._popen(proc.argv, proc.log_path, proc.env)
-        proc.started_at = time.monotonic()
+        proc.started_at, proc.started_wall = time.monotonic(), time.time()
         self._write_pids()
         try:
             if proc.ready is not None:
@@ -437,7 +438,7 @@ class LocalStack:
                 url,
                 ready=lambda p, u=url: self._wait_http(p, u + "/models"),
             )
-            proc.on_restart = lambda n=node_id: self._rejoin(n)
+            proc.on_restart = lambda n=node_id, p=proc: self._rejoin(n, p.started_wall)
             self.runtime_urls[node_id] = url
             assert proc.ready is not None
             await proc.ready(proc)
@@ -556,11 +557,12 @@ class LocalStack:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    async def _rejoin(self, node_id: str) -> None:
-        """A node's runtime restarted empty: forget its residency, as on a first start."""
+    async def _rejoin(self, node_id: str, started_at: float) -> None:
+        """A node's runtime restarted empty: forget its residency, as on a first start (but
+        not loads placed since it started)."""
         agent = self.agents.get(node_id)
         if agent is not None:
-            await agent.register()
+            await agent.register(runtime_started_at=started_at)
 
     async def _ticker(self, svc: Services) -> None:
         while not self.stop_event.is_set():
