@@ -110,7 +110,7 @@ async def test_overhead_throughput_and_profile_code_path(nats_url, tmp_path):
 
     r = await overhead.throughput(nats_url, clients=2, seconds=0.5)
     assert r["completed"] > 0 and r["chats_per_s"] > 0
-    await overhead.profiled_throughput(nats_url, 1, 0.3, tmp_path)
+    await overhead.profiled_throughput(nats_url, 1, 1.0, tmp_path)
     tree = (tmp_path / "overhead_profile.txt").read_text()
     assert "handle" in tree  # the chat function shows up in the sampled call tree
 
