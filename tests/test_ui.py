@@ -225,9 +225,10 @@ async def test_reload_mid_answer_replays_and_completes_and_history_survives_a_re
 
 
 async def _answer_longer_than(page: Any, n: int) -> bool:
-    """The last answer has streamed more than `n` characters (not a waiting status)."""
+    """The assistant's answer (after the prompt: a new chat holds just the two) has streamed
+    more than `n` characters, and it is not a waiting status."""
     streaming = await page.locator(".message").evaluate_all(
-        "els => els.length > 0 && !(els[els.length - 1].shadowRoot || els[els.length - 1])"
+        "els => els.length >= 2 && !(els[els.length - 1].shadowRoot || els[els.length - 1])"
         ".querySelector('.oa-status')"
     )
     return bool(streaming) and len((await last_answer(page)).strip()) > n
