@@ -27,7 +27,13 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    KeyDeletedError,
+    KeyNotFoundError,
+)
+from nats.js.kv import KeyValue
 
 from .codec import Event, to_binary
 from .types import DEAD_LETTER_PREFIX, subject_for
@@ -204,3 +210,19 @@ async def keys_matching(js: JetStreamContext, bucket: str, pattern: str) -> list
     info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{pattern}")
     prefix = f"$KV.{bucket}."
     return sorted(s.removeprefix(prefix) for s in (info.state.subjects or {}))
+
+
+async def values_matching(
+    js: JetStreamContext, kv: KeyValue, bucket: str, pattern: str
+) -> list[bytes]:
+    """The current values of the keys of `kv` (bucket `bucket`) matching `pattern`; deleted
+    keys are skipped."""
+    out = []
+    for key in await keys_matching(js, bucket, pattern):
+        try:
+            entry = await kv.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            continue
+        if entry.value:
+            out.append(entry.value)
+    return out

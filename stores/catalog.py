@@ -20,7 +20,6 @@ def estimate_loaded_bytes(file_bytes: int) -> int:
     return int(file_bytes * 1.2) + 256 * (1 << 20)
 
 
-
 class ModelInfo(BaseModel):
     name: str
     bytes: int  # memory when loaded (weights + KV cache for `context`)

@@ -22,7 +22,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
-from events.bus import TASKS_BUCKET, keys_matching
+from events.bus import TASKS_BUCKET, values_matching
 from events.keys import encode_name
 
 TaskState = Literal["queued", "placing", "loading", "running", "done", "failed"]
@@ -94,15 +94,9 @@ class Tasks:
     async def find(self, task_id: str) -> list[TaskRecord]:
         """Every task with this id, whatever its source (the CLI's `task ID`)."""
         assert self.js is not None, "find needs the JetStream context"
-        out = []
-        for key in await keys_matching(self.js, TASKS_BUCKET, f"task.*.{encode_name(task_id)}"):
-            try:
-                entry = await self.kv.get(key)
-            except (KeyNotFoundError, KeyDeletedError):
-                continue
-            if entry.value:
-                out.append(TaskRecord.model_validate_json(entry.value))
-        return out
+        pattern = f"task.*.{encode_name(task_id)}"
+        values = await values_matching(self.js, self.kv, TASKS_BUCKET, pattern)
+        return [TaskRecord.model_validate_json(v) for v in values]
 
     async def create(self, record: TaskRecord) -> int:
         """Write a new record; Conflict if the task exists already."""

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -150,3 +151,12 @@ def fake_ollama_app() -> tuple[Any, Any]:
         transport=httpx.ASGITransport(app=state.app()), base_url="http://fake-ollama"
     )
     return state, client
+
+
+async def spawn_cli(*args: str, **kwargs: Any) -> asyncio.subprocess.Process:
+    """`python -m autoscaler.cli ARGS` from the repository, stdout/stderr piped unless given."""
+    kwargs.setdefault("stdout", asyncio.subprocess.PIPE)
+    kwargs.setdefault("stderr", asyncio.subprocess.PIPE)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "autoscaler.cli", *args, cwd=ROOT, **kwargs
+    )

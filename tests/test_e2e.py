@@ -27,7 +27,7 @@ from stack.local import LocalStack, StackConfig
 from stores.tasks import Tasks
 from stores.waiting import Waiting
 
-from .conftest import ROOT, Collector, wait_until
+from .conftest import ROOT, Collector, spawn_cli, wait_until
 
 pytestmark = pytest.mark.e2e
 MIB = 1 << 20
@@ -37,6 +37,17 @@ A, B = "gemma3-270m", "gemma3-270m-b"
 NEVER = "<never-emitted>"
 
 StackFactory = Callable[..., Any]
+
+
+async def long_story(nc: Any, chat_id: str, max_tokens: int, **options: Any) -> ChatSession:
+    """A chat that streams for a while (the stop string is one the model never writes)."""
+    request = ChatRequested(
+        chat_id=chat_id,
+        model=A,
+        messages=[{"role": "user", "content": "Tell a long story."}],
+        options={"max_tokens": max_tokens, "stop": [NEVER], **options},
+    )
+    return await ChatSession(nc, request).start()
 
 
 @pytest.fixture
@@ -135,15 +146,7 @@ async def test_request_waits_queued_while_the_only_model_is_active(make_stack, t
     redelivered, woken when A's lease is released."""
     _stack, nc = await make_stack(node_memory=600 * MIB, transport=transport)
     tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET), nc.jetstream())
-    long = await ChatSession(
-        nc,
-        ChatRequested(
-            chat_id="long",
-            model=A,
-            messages=[{"role": "user", "content": "Tell a long story."}],
-            options={"max_tokens": 200, "stop": [NEVER]},
-        ),
-    ).start()
+    long = await long_story(nc, "long", 200)
     await wait_until(lambda: long.result.tokens, timeout=120, what="first token of A")
     waiting = await ChatSession(
         nc,
@@ -247,15 +250,7 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack,
     first = worker()
     second = None
     try:
-        session = await ChatSession(
-            nc,
-            ChatRequested(
-                chat_id=uuid.uuid4().hex[:12],
-                model=A,
-                messages=[{"role": "user", "content": "Tell a long story."}],
-                options={"max_tokens": 120, "temperature": 0, "stop": [NEVER]},
-            ),
-        ).start()
+        session = await long_story(nc, uuid.uuid4().hex[:12], 120, temperature=0)
         await wait_until(
             lambda: len(session.result.tokens) >= 5,
             timeout=120,
@@ -294,17 +289,7 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack,
 
 
 async def _cli(stack: LocalStack, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autoscaler.cli",
-        "--nats",
-        stack.nats_url,
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn_cli("--nats", stack.nats_url, *args)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -342,15 +327,7 @@ def _child_of(stack: LocalStack, name: str) -> Any:
 async def test_a_model_process_killed_mid_stream_ends_in_chat_failed(make_stack):
     """Defect 12 on the real runtime: the partial text was reported as chat.completed."""
     stack, nc = await make_stack()
-    session = await ChatSession(
-        nc,
-        ChatRequested(
-            chat_id="cut",
-            model=A,
-            messages=[{"role": "user", "content": "Tell a long story."}],
-            options={"max_tokens": 400, "stop": [NEVER]},
-        ),
-    ).start()
+    session = await long_story(nc, "cut", 400)
     await wait_until(lambda: len(session.result.tokens) >= 3, timeout=120, what="tokens")
     _, router = _child_of(stack, "llama-server-node-0")
     for child in router.children(recursive=True):
@@ -399,10 +376,7 @@ async def test_up_restarts_killed_children_and_a_nats_restart_loses_nothing(make
 async def test_ctrl_c_in_the_cli_cancels_the_chat_in_the_system(make_stack):
     stack, nc = await make_stack()
     ends = await Collector().attach(nc, "ollama.chat.failed", "ollama.chat.completed")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autoscaler.cli",
+    proc = await spawn_cli(
         "--nats",
         stack.nats_url,
         "chat",
@@ -411,9 +385,6 @@ async def test_ctrl_c_in_the_cli_cancels_the_chat_in_the_system(make_stack):
         "--max-tokens",
         "400",
         "Tell a long story.",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
     first = await asyncio.wait_for(proc.stdout.read(8), 120)  # the answer has begun

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from domain import state
 from events import bus
 from stack.local import LocalStack, StackConfig, free_port
 
-from .conftest import ROOT, Collector, start_nats, wait_until
+from .conftest import Collector, spawn_cli, start_nats, wait_until
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = "/usr/bin/chromium"
@@ -165,16 +164,12 @@ async def test_chat_streams_text_then_shows_stats_with_nothing_from_outside(worl
 
 async def ui_process(nats_url: str, port: int) -> asyncio.subprocess.Process:
     """The app as its own process (`ollama-autoscaler ui`), to be restarted by a test."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autoscaler.cli",
+    proc = await spawn_cli(
         "--nats",
         nats_url,
         "ui",
         "--port",
         str(port),
-        cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -311,6 +306,7 @@ async def test_models_view_loads_and_evicts_and_the_fleet_view_follows(world, tm
     )
     await page.click("text=Fleet")
     await wait_until(lambda: _lacks(card, SMOL), timeout=30, what="the card without it")
+    assert SMOL not in (await card.text_content() or "")
     await wait_until(
         lambda: page.locator("#oa-log").get_by_text(f"{SMOL} evicted").count(),
         timeout=30,
@@ -363,6 +359,8 @@ async def test_nats_unreachable_shows_a_banner_and_recovers_by_itself(world, tmp
     await nc.close()
     try:
         await wait_until(lambda: _zero(banner), timeout=60, what="the banner to go")
+        assert await banner.count() == 0
+        assert await page.locator("text=New chat").count() >= 1  # and the app is usable
     finally:
         proc.terminate()
         proc.wait(10)
@@ -376,10 +374,7 @@ async def _zero(loc: Any) -> bool:
 
 async def test_a_non_loopback_address_needs_auth_and_a_wrong_password_is_refused(world):
     stack, _ui, _browser = world
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autoscaler.cli",
+    proc = await spawn_cli(
         "--nats",
         stack.nats_url,
         "ui",
@@ -387,9 +382,6 @@ async def test_a_non_loopback_address_needs_auth_and_a_wrong_password_is_refused
         "0.0.0.0",
         "--port",
         str(free_port()),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
         env={k: v for k, v in os.environ.items() if not k.startswith("OA_UI_PASSWORD")},
     )
     _, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -440,10 +432,7 @@ async def test_up_with_the_ui_stops_everything_on_ctrl_c(tmp_path):
     import psutil
 
     ui_port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autoscaler.cli",
+    proc = await spawn_cli(
         "up",
         "--nodes",
         "0",
@@ -455,8 +444,6 @@ async def test_up_with_the_ui_stops_everything_on_ctrl_c(tmp_path):
         "0",
         "--ui-port",
         str(ui_port),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
     )

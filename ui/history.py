@@ -17,7 +17,7 @@ from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundErro
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
-from events.bus import keys_matching
+from events.bus import values_matching
 from events.keys import encode_name
 
 CHATS_BUCKET = "chats"
@@ -66,14 +66,8 @@ class History:
         return f"chat.{self.owner}.{encode_name(chat_id)}"
 
     async def list(self) -> list[ChatRecord]:
-        out = []
-        for key in await keys_matching(self.js, CHATS_BUCKET, f"chat.{self.owner}.*"):
-            try:
-                entry = await self.kv.get(key)
-            except (KeyNotFoundError, KeyDeletedError):
-                continue
-            if entry.value:
-                out.append(ChatRecord.model_validate_json(entry.value))
+        values = await values_matching(self.js, self.kv, CHATS_BUCKET, f"chat.{self.owner}.*")
+        out = [ChatRecord.model_validate_json(v) for v in values]
         return sorted(out, key=lambda c: -c.updated_at)
 
     async def get(self, chat_id: str) -> ChatRecord | None:
