@@ -71,8 +71,11 @@ class NodeAgent:
         runtime_log: str | None = None,
         waiting: Waiting | None = None,
         models_dir: str | None = None,
+        advertise_url: str | None = None,
     ) -> None:
         self.fleet, self.node_id, self.runtime = fleet, node_id, runtime
+        # Where the functions reach the runtime (a pod's DNS name), if not where the agent does.
+        self.url = advertise_url or runtime.url
         self.capacity_bytes, self.probe, self.interval_s = capacity_bytes, probe, interval_s
         self.runtime_log, self.models_dir = runtime_log, models_dir
         self.waiting = waiting  # woken when the node (re)joins: its memory is free
@@ -109,7 +112,7 @@ class NodeAgent:
         def transition(r: NodeRecord) -> NodeRecord:
             new = r.model_copy(deep=True)
             new.heartbeat_at, new.measured_free_bytes = now, measured
-            new.url, new.runtime = self.runtime.url, self.runtime.kind  # type: ignore[assignment]
+            new.url, new.runtime = self.url, self.runtime.kind  # type: ignore[assignment]
             new.capacity_bytes = self.capacity_bytes
             if available is not None:
                 new.available = available
@@ -127,12 +130,13 @@ class NodeAgent:
                 }
             if fresh:
                 new.errors = {}  # a previous run's load errors say nothing about this one
+                new.draining = False
             return new
 
         fresh = NodeRecord(
             node_id=self.node_id,
             runtime=self.runtime.kind,  # type: ignore[arg-type]
-            url=self.runtime.url,
+            url=self.url,
             capacity_bytes=self.capacity_bytes,
             measured_free_bytes=measured,
             heartbeat_at=now,
@@ -141,6 +145,32 @@ class NodeAgent:
             models_dir=self.models_dir,
         )
         return await self.fleet.upsert(fresh, transition)
+
+    async def drain(self, timeout_s: float, poll_s: float = 0.5) -> bool:
+        """Leave the fleet gracefully (scale-down, SIGTERM): mark the node draining so nothing
+        new is placed or leased on it, wait up to `timeout_s` for the chats it serves to end,
+        then delete its record. True when no chat was still active at the end."""
+
+        def mark(r: NodeRecord) -> NodeRecord:
+            new = r.model_copy(deep=True)
+            new.draining, new.heartbeat_at = True, time.time()
+            return new
+
+        await self.fleet.update(self.node_id, mark)
+        log.info("node %s draining (up to %.0fs)", self.node_id, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            record, rev = await self.fleet.get(self.node_id)
+            busy = sum(len(s.leases) for s in record.models.values())
+            if busy == 0 or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(poll_s)
+        while not await self.fleet.forget(self.node_id, rev):  # a beat raced us: re-read
+            record, rev = await self.fleet.get(self.node_id)
+        log.info("node %s left the fleet (%d chats still active)", self.node_id, busy)
+        if self.waiting is not None:  # its residency is gone: parked requests re-plan
+            await self.waiting.wake_heads(f"leave.{self.node_id}.{int(time.time())}")
+        return busy == 0
 
     async def run(self, stop: asyncio.Event) -> None:
         beats = 0

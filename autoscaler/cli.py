@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -18,6 +17,8 @@ from domain import planner
 from events import bus
 from events.codec import Event
 from events.types import ChatCompleted, ChatFailed, ChatRequested, ChatToken, ModelEvict, ModelLoad
+
+from .daemons import add_commands
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -121,35 +122,6 @@ async def cmd_ui(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.stop()
-    return 0
-
-
-# -- worker --------------------------------------------------------------------------------------
-async def cmd_worker(args: argparse.Namespace) -> int:
-    """A pull worker: dispatchers that call the handlers in-process (the KEDA variant)."""
-    from functions.entry import HANDLERS, dispatcher
-    from functions.services import Settings, open_services
-
-    names = [n.strip() for n in args.functions.split(",") if n.strip()]
-    unknown = [n for n in names if n not in HANDLERS]
-    if unknown:
-        print(f"unknown function(s) {unknown}; choose from {sorted(HANDLERS)}", file=sys.stderr)
-        return 2
-    settings = Settings().but(nats_url=args.nats)
-    svc = await open_services(settings, provision=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    dispatchers = [dispatcher(svc, name) for name in names]
-    tasks = [asyncio.create_task(d.run(stop)) for d in dispatchers]
-    print(f"worker {os.getpid()} serving {', '.join(names)} from {args.nats}", flush=True)
-    await stop.wait()
-    # Stop fetching, give in-flight events a moment, then leave the rest to redelivery.
-    await asyncio.wait(tasks, timeout=5)
-    for d in dispatchers:
-        await d.drain(timeout=5)
-    await svc.close()
     return 0
 
 
@@ -453,9 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=8501)
     u.set_defaults(fn=cmd_ui)
 
-    w = sub.add_parser("worker", help="pull worker: run functions in-process on a running bus")
-    w.add_argument("--functions", default="chat,cancel,load,evict,pull,reconcile")
-    w.set_defaults(fn=cmd_worker)
+    add_commands(sub)  # serve, provision, worker, agent, bridge: the cluster's processes
 
     c = sub.add_parser("chat", help="send a prompt, stream the answer, print stats")
     c.add_argument("--model", required=True)
@@ -490,12 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose or args.cmd in ("up", "worker") else logging.WARNING,
+        level=logging.INFO
+        if args.verbose or args.cmd in ("up", "worker", "agent", "bridge")
+        else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     logging.getLogger("nats").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        if getattr(args, "sync", False):
+            return int(args.fn(args))
         return asyncio.run(args.fn(args))
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)

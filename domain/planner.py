@@ -344,6 +344,11 @@ def node_is_live(node: NodeRecord, now: float) -> bool:
     return now - node.heartbeat_at <= HEARTBEAT_STALE_S
 
 
+def node_takes_work(node: NodeRecord, now: float) -> bool:
+    """Live and not draining: new leases, loads and pulls may go there."""
+    return node_is_live(node, now) and not node.draining
+
+
 def plan(
     req: PlanRequest, nodes: Sequence[NodeRecord], now: float, policy: Policy = "cost"
 ) -> Placement | Queue | Reject:
@@ -351,10 +356,12 @@ def plan(
 
     Never evicts a model that is loading, evicting, leased (active), pinned or reserved.
     """
-    live = [n for n in nodes if node_is_live(n, now)]
+    live = [n for n in nodes if node_takes_work(n, now)]
     if not live:
         return Queue(
-            f"no live node: no heartbeat within {HEARTBEAT_STALE_S:.0f}s"
+            "every live node is draining (scaling down)"
+            if any(node_is_live(n, now) for n in nodes)
+            else f"no live node: no heartbeat within {HEARTBEAT_STALE_S:.0f}s"
             if nodes
             else "no node registered yet"
         )

@@ -55,6 +55,7 @@ class NodeRecord(BaseModel):
     next_gen: int = 1  # the gen of the next slot created on this node
     runtime_log: str | None = None  # where the node agent sees the runtime's log, if it does
     models_dir: str | None = None  # where pulled GGUFs go (llama.cpp nodes of the local stack)
+    draining: bool = False  # going away (scale-down): serves what it holds, takes nothing new
 
     def committed_bytes(self) -> int:
         return sum(s.bytes for s in self.models.values())

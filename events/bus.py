@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 import nats
@@ -46,6 +47,11 @@ TOKENS_STREAM = "OLLAMA_TOKENS"
 DLQ_STREAM = "OLLAMA_DLQ"
 WAITING_STREAM = "OLLAMA_WAITING"
 WAITING_CONSUMER = "waiting"  # read by no one: its pending count is the queue depth (KEDA)
+# Under Knative Eventing: the one consumer the JetStream -> Broker bridge reads (instead of
+# one consumer per function), over every client-published event type.
+BRIDGE_CONSUMER = "bridge"
+BRIDGED_TYPES = ("chat.requested", "chat.cancel", "model.load", "model.evict", "model.pull")
+Delivery = Literal["pull", "knative"]
 FLEET_BUCKET, MODELS_BUCKET, TASKS_BUCKET = "fleet", "models", "tasks"
 
 
@@ -57,6 +63,10 @@ class ConsumerSpec:
     event_type: str
     ack_wait_s: float = 30.0
     max_ack_pending: int = 256
+    also: tuple[str, ...] = ()  # other event types it takes (the bridge takes several)
+
+    def takes(self, event_type: str) -> bool:
+        return event_type == self.event_type or event_type in self.also
 
 
 # One durable consumer per function. Knative's equivalent is one Trigger per function.
@@ -68,6 +78,7 @@ CONSUMERS: dict[str, ConsumerSpec] = {
     "pull": ConsumerSpec("pull", "model.pull", ack_wait_s=30.0),
     "reconcile": ConsumerSpec("reconcile", "fleet.tick", ack_wait_s=30.0, max_ack_pending=1),
 }
+BRIDGE_SPEC = ConsumerSpec(BRIDGE_CONSUMER, BRIDGED_TYPES[0], also=BRIDGED_TYPES[1:])
 
 
 async def connect(url: str = DEFAULT_NATS_URL, name: str = "ollama-autoscaler") -> NATS:
@@ -110,13 +121,20 @@ async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
 
 
 async def provision(
-    js: JetStreamContext, consumer_ack_wait_s: float | None = None, reconfigure: bool = False
+    js: JetStreamContext,
+    consumer_ack_wait_s: float | None = None,
+    reconfigure: bool = False,
+    replicas: int = 1,
+    delivery: Delivery = "pull",
 ) -> None:
     """Create every stream, durable consumer and KV bucket that is missing. Safe to repeat.
 
     An existing consumer keeps its settings (its ack wait belongs to the deployment, not to
     whoever connects last) unless `reconfigure` is set: only the stack that owns the bus
-    (`up`, `provision`) passes it.
+    (`up`, `provision`) passes it. `replicas` is the JetStream replication of every stream
+    and bucket (3 on a 3-server cluster). `delivery` "pull" creates one durable consumer per
+    function (workers fetch); "knative" creates the bridge's consumer instead (the Broker
+    delivers to the functions over HTTP).
     """
     streams = (
         StreamConfig(
@@ -125,18 +143,21 @@ async def provision(
             storage=StorageType.FILE,
             max_age=7 * 86400,
             duplicate_window=120,
+            num_replicas=replicas,
         ),
         StreamConfig(
             name=TOKENS_STREAM,
             subjects=["ollama.chat.token.>"],
             storage=StorageType.FILE,
             max_age=600,
+            num_replicas=replicas,
         ),
         StreamConfig(
             name=DLQ_STREAM,
             subjects=[f"{DEAD_LETTER_PREFIX}.>"],
             storage=StorageType.FILE,
             max_age=30 * 86400,
+            num_replicas=replicas,
         ),
         StreamConfig(
             name=WAITING_STREAM,
@@ -144,6 +165,7 @@ async def provision(
             storage=StorageType.FILE,
             max_age=7 * 86400,
             allow_direct=True,  # the cheap "is anyone waiting?" probe after every release
+            num_replicas=replicas,
         ),
     )
     for stream in streams:
@@ -151,19 +173,9 @@ async def provision(
     existing = (
         {c.name for c in await js.consumers_info(EVENTS_STREAM)} if not reconfigure else set()
     )
-    for spec in CONSUMERS.values():
-        if spec.name in existing:
-            continue
-        cfg = ConsumerConfig(
-            durable_name=spec.name,
-            filter_subject=subject_for(spec.event_type),
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=consumer_ack_wait_s or spec.ack_wait_s,
-            max_deliver=-1,
-            max_ack_pending=spec.max_ack_pending,
-        )
-        await js.add_consumer(EVENTS_STREAM, cfg)
+    for cfg in _consumers(delivery, consumer_ack_wait_s):
+        if cfg.durable_name not in existing:
+            await js.add_consumer(EVENTS_STREAM, cfg)
     await js.add_consumer(
         WAITING_STREAM,
         ConsumerConfig(
@@ -181,8 +193,42 @@ async def provision(
             await js.key_value(bucket)
         except BucketNotFoundError:
             await js.create_key_value(
-                KeyValueConfig(bucket=bucket, history=history, ttl=ttl, storage=StorageType.FILE)
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=history,
+                    ttl=ttl,
+                    storage=StorageType.FILE,
+                    replicas=replicas,
+                )
             )
+
+
+def _consumers(delivery: Delivery, ack_wait_s: float | None) -> list[ConsumerConfig]:
+    """The durable consumers on OLLAMA_EVENTS for a delivery mode."""
+    if delivery == "knative":
+        return [
+            ConsumerConfig(
+                durable_name=BRIDGE_CONSUMER,
+                filter_subjects=[subject_for(t) for t in BRIDGED_TYPES],
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=ack_wait_s or 30.0,
+                max_deliver=-1,
+                max_ack_pending=256,
+            )
+        ]
+    return [
+        ConsumerConfig(
+            durable_name=spec.name,
+            filter_subject=subject_for(spec.event_type),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ack_wait_s or spec.ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=spec.max_ack_pending,
+        )
+        for spec in CONSUMERS.values()
+    ]
 
 
 async def publish(

@@ -67,15 +67,52 @@ def over_http(url: str, timeout_s: float = 900.0) -> Deliver:
     return deliver
 
 
+MAX_DEAD_BODY_BYTES = 64 * 1024  # a dead-letter record keeps at most this much of the body
+
+
+def dead_letter_record(
+    reason: str,
+    consumer: str,
+    subject: str,
+    headers: dict[str, str],
+    body: bytes,
+    event: Event | None,
+    num_delivered: int = 1,
+) -> DeadLetter:
+    """The record of a rejected event: the reason and the original, cut to sane sizes."""
+    return DeadLetter(
+        reason=reason[:4096],
+        consumer=consumer,
+        subject=subject,
+        event_type=event.type if event else None,
+        event_id=event.id if event else None,
+        headers={k: str(v)[:1024] for k, v in list(headers.items())[:64]},
+        body=body[:MAX_DEAD_BODY_BYTES].decode("utf-8", errors="replace"),
+        body_bytes=len(body),
+        body_truncated=len(body) > MAX_DEAD_BODY_BYTES,
+        num_delivered=num_delivered,
+    )
+
+
+async def publish_dead_letter(js: JetStreamContext, record: DeadLetter) -> None:
+    """Publish on `ollama.deadletter.<consumer>`; a failed publish is logged, never raised."""
+    try:
+        await js.publish(
+            f"{DEAD_LETTER_PREFIX}.{record.consumer}", record.model_dump_json().encode()
+        )
+    except Exception:
+        log.exception("dead-letter record for %s could not be published", record.subject)
+
+
 @dataclass
 class Stats:
     done: int = 0
     retried: int = 0
     rejected: int = 0
+    handed_back: int = 0
 
 
 GiveUp = Callable[[Event, str], Awaitable[None]]
-MAX_DEAD_BODY_BYTES = 64 * 1024  # a dead-letter record keeps at most this much of the body
 
 
 class Dispatcher:
@@ -100,26 +137,16 @@ class Dispatcher:
     async def dead_letter(self, msg: Msg, reason: str, event: Event | None) -> None:
         """Record the event with the reason on `ollama.deadletter.<consumer>`. A body too big
         to fit a record is cut (and says so); a failed publish is logged, never raised."""
-        body = msg.data
-        cut = len(body) > MAX_DEAD_BODY_BYTES
-        headers = {k: v[:1024] for k, v in list((msg.headers or {}).items())[:64]}
-        record = DeadLetter(
-            reason=reason[:4096],
-            consumer=self.spec.name,
-            subject=msg.subject,
-            event_type=event.type if event else None,
-            event_id=event.id if event else None,
-            headers=headers,
-            body=body[:MAX_DEAD_BODY_BYTES].decode("utf-8", errors="replace"),
-            body_bytes=len(body),
-            body_truncated=cut,
-            num_delivered=msg.metadata.num_delivered if msg.reply else 1,
+        record = dead_letter_record(
+            reason,
+            self.spec.name,
+            msg.subject,
+            dict(msg.headers or {}),
+            msg.data,
+            event,
+            msg.metadata.num_delivered if msg.reply else 1,
         )
-        subject = f"{DEAD_LETTER_PREFIX}.{self.spec.name}"
-        try:
-            await self.js.publish(subject, record.model_dump_json().encode())
-        except Exception:
-            log.exception("dead-letter record for %s could not be published", msg.subject)
+        await publish_dead_letter(self.js, record)
         log.warning(
             "dead-letter consumer=%s subject=%s reason=%s", self.spec.name, msg.subject, reason
         )
@@ -138,7 +165,7 @@ class Dispatcher:
             event = decode(dict(msg.headers or {}), msg.data)
         except CodecError as exc:
             return Reject(f"malformed event: {exc}"), None
-        if event.type != self.spec.event_type:
+        if not self.spec.takes(event.type):
             return Reject(
                 f"consumer {self.spec.name} takes {self.spec.event_type!r}, got {event.type!r}"
             ), event
@@ -154,7 +181,13 @@ class Dispatcher:
     async def handle(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered if msg.reply else 1
         t0 = time.perf_counter()
-        outcome, event = await self._outcome(msg, attempt)
+        try:
+            outcome, event = await self._outcome(msg, attempt)
+        except asyncio.CancelledError:  # drained: hand it back for another worker, at once
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nak())
+            self.stats.handed_back += 1
+            raise
         if isinstance(outcome, Retry) and outcome.failure and attempt >= MAX_FAILED_DELIVERIES:
             outcome = Reject(f"gave up after {attempt} deliveries; last error: {outcome.reason}")
             if event is not None and self.give_up is not None:
@@ -225,6 +258,16 @@ class Dispatcher:
         except Exception:  # acking itself failed (connection lost): JetStream redelivers
             log.exception("dispatcher failed on %s; leaving it for redelivery", msg.subject)
 
-    async def drain(self, timeout: float = 10.0) -> None:
+    async def drain(self, timeout: float = 10.0) -> int:
+        """After `run` stopped fetching: let in-flight events finish for up to `timeout`,
+        then hand back what is still running (its handler is cancelled and cleans up, the
+        message is nak'ed for immediate redelivery elsewhere). Returns how many were handed
+        back."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        left = list(self._tasks)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=10)
+        return len(left)

@@ -238,7 +238,7 @@ async def _lease_ready(svc: Services, model: str, task_id: str) -> NodeRecord | 
     """Take a lease on a node where the model is ready (least active first), else reserve
     a place on a copy that is already loading."""
     now = time.time()
-    nodes = [rv for rv in await svc.fleet.nodes() if planner.node_is_live(rv[0], now)]
+    nodes = [rv for rv in await svc.fleet.nodes() if planner.node_takes_work(rv[0], now)]
     ready = sorted(
         (rv for rv in nodes if (s := rv[0].models.get(model)) and s.state == "ready"),
         key=lambda rv: (rv[0].models[model].active, rv[0].node_id),
@@ -409,6 +409,15 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         return outcome
     except Lost as exc:
         return Done(str(exc))
+    except asyncio.CancelledError:
+        # Handed back (a draining worker): stop generating, give the lease back, and give up
+        # the claim so the redelivery — on another worker — starts at once.
+        serving.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(serving)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(run.save(owner=None, owner_until=0.0))
+        raise
     finally:
         stopping.cancel()
         svc.cancels.pop(run.rec.task_id, None)

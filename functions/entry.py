@@ -3,11 +3,17 @@
     functions-framework --source functions/entry.py --target chat --asgi --port 8090
 
 Each target takes a binary- or structured-mode CloudEvent over HTTP and answers with the
-outcome's status: 200 done, 503 + Retry-After retry, 422 reject (dead-letter).
+outcome's status: 200 done, 503 + Retry-After retry, 422 reject (dead-letter). `GET /healthz`
+answers 200 once NATS is reachable (what Knative's readiness probe asks).
+
+`deadletter_fn` is the Knative dead-letter sink: it records what the Broker gave up on (with
+the `knativeerror*` reason) on `ollama.deadletter.knative`, beside the workers' own records.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -18,7 +24,13 @@ from starlette.responses import Response
 
 from events.bus import CONSUMERS
 from events.codec import CodecError, Event, decode
-from events.dispatcher import Dispatcher, in_process, over_http
+from events.dispatcher import (
+    Dispatcher,
+    dead_letter_record,
+    in_process,
+    over_http,
+    publish_dead_letter,
+)
 from events.outcome import Outcome, Reject, to_http
 
 from . import cancel, chat, evict, load, pull, reconcile
@@ -55,6 +67,7 @@ def dispatcher(svc: Services, name: str, url: str | None = None) -> Dispatcher:
     return Dispatcher(svc.js, CONSUMERS[name], deliver, give_up=give_up if hook else None)
 
 
+log = logging.getLogger("functions.entry")
 _logging_ready = False
 
 
@@ -71,6 +84,23 @@ def _configure_logging() -> None:
         _logging_ready = True
 
 
+# Event types a target also takes: Knative's PingSource can only send its own type, so the
+# reconcile target takes it as a fleet.tick.
+PING_TYPE = "dev.knative.sources.ping"
+ALSO_TAKES: dict[str, frozenset[str]] = {"reconcile": frozenset({PING_TYPE})}
+HEALTH_PATH = "/healthz"
+
+
+async def _health() -> Response:
+    try:
+        svc = await asyncio.wait_for(shared_services(), 5)
+    except Exception as exc:  # unreachable NATS is the one thing that makes a function useless
+        return Response(f"NATS unreachable: {exc}\n", status_code=503, media_type="text/plain")
+    if not svc.nc.is_connected:
+        return Response("NATS reconnecting\n", status_code=503, media_type="text/plain")
+    return Response("ok\n", media_type="text/plain")
+
+
 def _attempt(headers: dict[str, str]) -> int:
     try:
         return max(1, int(headers.get("x-oa-delivery-attempt", "1")))
@@ -80,6 +110,10 @@ def _attempt(headers: dict[str, str]) -> int:
 
 async def _serve(name: str, request: Request) -> Response:
     _configure_logging()
+    if request.method in ("GET", "HEAD"):
+        if request.url.path == HEALTH_PATH:
+            return await _health()
+        return Response("POST a CloudEvent\n", status_code=405, media_type="text/plain")
     body = await request.body()
     headers = dict(request.headers)
     try:
@@ -88,6 +122,8 @@ async def _serve(name: str, request: Request) -> Response:
         outcome: Outcome = Reject(f"malformed event: {exc}")
     else:
         expected = CONSUMERS[name].event_type
+        if event.type in ALSO_TAKES.get(name, ()):
+            event = dataclasses.replace(event, type=expected)
         if event.type != expected:
             outcome = Reject(f"the {name} function takes {expected!r} events, got {event.type!r}")
         else:
@@ -126,3 +162,28 @@ async def pull_fn(request: Request) -> Response:
 @ffa.http
 async def reconcile_fn(request: Request) -> Response:
     return await _serve("reconcile", request)
+
+
+@ffa.http
+async def deadletter_fn(request: Request) -> Response:
+    """Knative's dead-letter sink: record the event and the Broker's reason; always 200 (a
+    sink that fails would only make the Broker retry a record)."""
+    _configure_logging()
+    if request.method in ("GET", "HEAD"):
+        return await _health() if request.url.path == HEALTH_PATH else Response(status_code=405)
+    body = await request.body()
+    headers = dict(request.headers)
+    try:
+        event: Event | None = decode(headers, body)
+    except CodecError:
+        event = None
+    ext = event.extensions if event is not None else {}
+    reason = (
+        f"knative gave up: destination {ext.get('knativeerrordest', '?')} answered "
+        f"{ext.get('knativeerrorcode', '?')}: {str(ext.get('knativeerrordata', ''))[:1000]}"
+    )
+    svc = await shared_services()
+    record = dead_letter_record(reason, "knative", str(request.url.path), headers, body, event)
+    await publish_dead_letter(svc.js, record)
+    log.warning("dead-letter from knative: %s %s", event.type if event else "?", reason)
+    return Response("recorded\n", media_type="text/plain")

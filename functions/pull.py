@@ -66,7 +66,7 @@ async def _node_for(svc: Services, req: ModelPull) -> NodeRecord | str:
     want = "llamacpp" if req.url else "ollama"
     now = time.time()
     for record, _ in await svc.fleet.nodes():
-        if record.runtime == want and planner.node_is_live(record, now):
+        if record.runtime == want and planner.node_takes_work(record, now):
             return record
     how = "from a url" if req.url else "by name from the Ollama library"
     return f"no live {want} node to pull {req.model} {how}"
