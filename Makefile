@@ -3,7 +3,7 @@ PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test test-fast prepare lint clean bench-planner bench-sched bench-overhead
+.PHONY: install run test test-cluster test-fast prepare lint clean bench-planner bench-sched bench-overhead
 
 install: $(VENV)/.installed
 
@@ -21,11 +21,14 @@ run: prepare  ## the whole system on embedded defaults; Ctrl-C stops it
 
 DOMAIN := domain events/codec.py events/keys.py events/types.py events/outcome.py stores
 
-test: prepare lint  ## everything CI runs
-	$(BIN)/python -m pytest -q
+test: prepare lint  ## everything CI runs (the cluster fail-over run is `make test-cluster`)
+	$(BIN)/python -m pytest -q -m "not cluster_failover"
+
+test-cluster: install  ## a 3-server JetStream cluster losing a server mid-stream (see README)
+	$(BIN)/python -m pytest -q -m cluster_failover tests/test_cluster.py
 
 test-fast: install  ## no llama-server: planner, codec, fleet, Ollama fake, reconcile
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -m "not e2e and not cluster_failover"
 
 lint: install  ## ruff on everything, mypy --strict on the pure domain and the stores
 	$(BIN)/python -m ruff check events domain stores runtimes functions agent stack autoscaler ui tests bench

@@ -109,6 +109,20 @@ async def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- tick ----------------------------------------------------------------------------------------
+async def cmd_tick(args: argparse.Namespace) -> int:
+    """Publish one fleet.tick (what a CronJob runs where no PingSource does), then exit."""
+    from events.codec import Event
+
+    nc = await bus.connect(args.nats, name="ollama-autoscaler-tick")
+    try:
+        await bus.publish(nc.jetstream(), Event("fleet.tick", {}))
+    finally:
+        await nc.close()
+    print("fleet.tick published")
+    return 0
+
+
 # -- worker --------------------------------------------------------------------------------------
 async def cmd_worker(args: argparse.Namespace) -> int:
     """Dispatchers calling the handlers in-process. SIGTERM: stop fetching, let in-flight
@@ -293,6 +307,10 @@ def add_commands(sub: Any) -> None:
         help="pull: a consumer per function (workers); knative: the bridge's consumer",
     )
     p.set_defaults(fn=cmd_provision)
+
+    sub.add_parser("tick", help="publish one fleet.tick (reconcile) and exit").set_defaults(
+        fn=cmd_tick
+    )
 
     w = sub.add_parser("worker", help="pull worker: run functions in-process on a running bus")
     w.add_argument("--functions", default="chat,cancel,load,evict,pull,reconcile")
