@@ -451,6 +451,7 @@ class LocalStack:
             "OA_KEEP_ALIVE_S": str(self.cfg.settings.keep_alive_s),
             "OA_LOAD_TIMEOUT_S": str(self.cfg.settings.load_timeout_s),
             "OA_UNLOAD_TIMEOUT_S": str(self.cfg.settings.unload_timeout_s),
+            "OA_PREFETCH": str(self.cfg.settings.prefetch).lower(),
         }
         source = Path(__file__).resolve().parents[1] / "functions" / "entry.py"
         started = []
