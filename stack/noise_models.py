@@ -58,7 +58,11 @@ class Shape:
 
 
 # Widths of well-known llama shapes (1B-class, 7B-class, 13B-class), by target size.
-_WIDTHS = ((2.5 * GB, (2048, 5632, 16, 4)), (9 * GB, (4096, 11008, 32, 8)))
+_WIDTHS = (
+    (0.3 * GB, (512, 1408, 8, 4)),  # tiny: CPU dry runs and tests only
+    (2.5 * GB, (2048, 5632, 16, 4)),
+    (9 * GB, (4096, 11008, 32, 8)),
+)
 _WIDEST = (5120, 13824, 40, 8)
 
 
@@ -71,6 +75,18 @@ def shape_for(target_bytes: int, n_vocab: int) -> Shape:
     per_layer = 2 * base.layer_params() + 8 * base.n_embd
     n_layer = max(1, round((target_bytes - base.weight_bytes()) / per_layer))
     return Shape(*dims, n_layer=n_layer, n_vocab=n_vocab)
+
+
+_POOL: list[np.ndarray[Any, Any]] = []
+
+
+def _pool() -> np.ndarray[Any, Any]:
+    """POOL_VALUES normal(0, 0.02) F16 values, twice over (so any window is a view)."""
+    if not _POOL:
+        rng = np.random.default_rng(12345)
+        half = (rng.standard_normal(POOL_VALUES, dtype=np.float32) * 0.02).astype(np.float16)
+        _POOL.append(np.concatenate([half, half]))
+    return _POOL[0]
 
 
 def _tokenizer_fields(vocab_gguf: Path) -> list[tuple[str, Any, Any, Any]]:
@@ -105,14 +121,14 @@ def write_noise_model(
     n_vocab = len(next(v for k, v, *_ in fields if k == "tokenizer.ggml.tokens"))
     shape = shape_for(target_bytes, n_vocab)
     rng = np.random.default_rng(seed)
-    pool = (rng.standard_normal(POOL_VALUES, dtype=np.float32) * 0.02).astype(np.float16)
+    pool = _pool()
 
     def noise(*dims: int) -> np.ndarray[Any, Any]:
         n = math.prod(dims)
-        reps = -(-n // POOL_VALUES)
-        start = int(rng.integers(0, POOL_VALUES))
-        flat = np.roll(pool, -start) if reps == 1 else np.tile(pool, reps)
-        return flat[:n].reshape(dims)
+        if n <= POOL_VALUES:  # a view at a random offset: no copy
+            start = int(rng.integers(0, POOL_VALUES))
+            return pool[start : start + n].reshape(dims)
+        return np.tile(pool[:POOL_VALUES], -(-n // POOL_VALUES))[:n].reshape(dims)
 
     e, kv, ff, v = shape.n_embd, shape.n_embd_kv, shape.n_ff, n_vocab
     tensors: list[tuple[str, tuple[int, ...], type]] = [("token_embd.weight", (v, e), np.float16)]
