@@ -97,8 +97,12 @@ def model_pids(router_pid: int) -> dict[str, int]:
 
 
 def model_usage(reading: Reading, pids: dict[str, int]) -> dict[str, int]:
-    """model -> bytes its process holds on the card (models whose process NVML lists)."""
-    return {m: reading.processes[pid] for m, pid in pids.items() if pid in reading.processes}
+    """model -> bytes its process costs the card (models whose process NVML lists): the
+    process's own figure plus what the driver keeps per process outside it."""
+    extra = footprint.UNATTRIBUTED_PER_PROCESS_BYTES
+    return {
+        m: reading.processes[pid] + extra for m, pid in pids.items() if pid in reading.processes
+    }
 
 
 class GpuProbe:

@@ -378,6 +378,7 @@ def phase_setup(cfg: Config, nvml: Any) -> None:
     bw["disk_cold_gbps"] = measure_disk(cfg.model_path(max(cfg.sizes)))
     say(f"bandwidth: {bw}")
     save_state(cfg, bandwidth=bw, shapes=shapes, gpu=nvml.name())
+    (cfg.out / "gpu_bandwidth.json").write_text(json.dumps({**bw, "gpu": nvml.name()}, indent=1))
     record_fixture(cfg, nvml, "idle card (nothing of ours loaded)")
     if not cfg.dry_run:
         # a process of known size: NVML's per-process figure against what it allocated
@@ -1022,6 +1023,105 @@ def q(values: list[float], p: float) -> float | None:
     return round(v[min(len(v) - 1, math.ceil(p * len(v)) - 1)], 3)
 
 
+# -- phase: report -----------------------------------------------------------------------------
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def phase_report(out: Path, bandwidth: dict[str, float]) -> Path:
+    """One figure from the phases' CSVs: footprints, swap times, the side-by-side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = [r for r in read_csv(out / "gpu_accounting.csv") if "reload" not in r["model"]]
+    swap = read_csv(out / "gpu_swap.csv")
+    reqs = read_csv(out / "gpu_trace_requests.csv")
+    summary = {r["side"]: r for r in read_csv(out / "gpu_trace.csv")}
+    fig, ax = plt.subplots(2, 2, figsize=(12, 9))
+    fig.suptitle("bench-gpu on one NVIDIA H200 — noise models (llama layout, random weights)")
+
+    a = ax[0][0]
+    xs = range(len(acc))
+    a.bar(
+        [x - 0.2 for x in xs],
+        [int(r["estimate_prior_mib"]) / 1024 for r in acc],
+        0.4,
+        label="estimate (before any load)",
+    )
+    a.bar(
+        [x + 0.2 for x in xs],
+        [int(r["nvml_mib"]) / 1024 for r in acc],
+        0.4,
+        label="NVML, the model's process",
+    )
+    for x, r in zip(xs, acc, strict=True):
+        a.annotate(
+            f"{float(r['error_prior_pct']):+.1f}%",
+            (x, int(r["nvml_mib"]) / 1024),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    a.set_xticks(list(xs), [r["model"] for r in acc])
+    a.set_ylabel("GiB on the card")
+    a.set_title("1. footprint: estimate vs NVML (ctx 4096)")
+    a.legend()
+
+    a = ax[0][1]
+    for cache, marker in (("cold", "o"), ("warm", "s")):
+        pts = sorted((float(r["file_gb"]), float(r["load_s"])) for r in swap if r["cache"] == cache)
+        a.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"load, {cache}")
+    sizes = sorted({float(r["file_gb"]) for r in swap})
+    for key, style, what in (
+        ("pinned_gbps", ":", "pinned host->GPU"),
+        ("pageable_gbps", "--", "pageable host->GPU"),
+        ("disk_cold_gbps", "-.", "disk read"),
+    ):
+        if key in bandwidth:
+            a.plot(
+                sizes,
+                [g / bandwidth[key] for g in sizes],
+                style,
+                label=f"bytes / {what} ({bandwidth[key]:.1f} GB/s)",
+            )
+    a.set_xlabel("file GB")
+    a.set_ylabel("seconds until the model answers")
+    a.set_title("3. swap time vs bytes / bandwidth")
+    a.legend(fontsize=8)
+
+    a = ax[1][0]
+    for side, label in (("router", "llama-server router alone"), ("stack", "our stack + router")):
+        waits = sorted(float(r["wait_s"]) for r in reqs if r["side"] == side and r["wait_s"])
+        if waits:
+            a.plot(waits, [(i + 1) / len(waits) for i in range(len(waits))], label=label)
+    a.set_xlabel("wait for the model (s)")
+    a.set_ylabel("fraction of requests")
+    a.set_title("4. wait, same trace (Azure code slice, Zipf over 12 models)")
+    a.legend()
+
+    a = ax[1][1]
+    metrics = [("loads", "loads"), ("gb_loaded", "GB loaded"), ("load_s", "load-seconds")]
+    for i, side in enumerate(("router", "stack")):
+        if side in summary:
+            vals = [float(summary[side][k]) for k, _ in metrics]
+            a.bar(
+                [j + (i - 0.5) * 0.4 for j in range(len(metrics))],
+                vals,
+                0.4,
+                label="router alone (--models-max K)" if side == "router" else "our stack",
+            )
+    a.set_xticks(range(len(metrics)), [m for _, m in metrics])
+    a.set_title("4. loading work, same trace")
+    a.legend()
+    fig.tight_layout()
+    path = out / "gpu_bench.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
 # -- main --------------------------------------------------------------------------------------
 def make_config(args: argparse.Namespace) -> Config:
     work = Path(args.work).resolve()
@@ -1032,7 +1132,7 @@ def make_config(args: argparse.Namespace) -> Config:
         work=work,
         out=out,
         binary=Path(args.binary) if args.binary else Path(),
-        vocab=Path(args.vocab),
+        vocab=Path(args.vocab or "."),
         trace=Path(args.trace),
         dry_run=args.dry_run,
     )
@@ -1056,16 +1156,31 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--phase", required=True, choices=["setup", "accounting", "trace"])
+    ap.add_argument("--phase", required=True, choices=["setup", "accounting", "trace", "report"])
     ap.add_argument("--work", default=str(Path.home() / ".cache/ollama-autoscaler/bench-gpu"))
     ap.add_argument("--out", default=str(DOCS))
     ap.add_argument("--binary", help="llama-server (default: the CUDA build from prepare --cuda)")
-    ap.add_argument("--vocab", required=True, help="models/ggml-vocab-llama-spm.gguf")
-    ap.add_argument("--trace", required=True, help="azure_llm_2023_code.csv (or a slice)")
+    ap.add_argument("--vocab", help="models/ggml-vocab-llama-spm.gguf (default: the sources')")
+    ap.add_argument(
+        "--trace",
+        default=str(Path(__file__).resolve().parents[2] / "shared/traces/azure_llm_2023_code.csv"),
+        help="azure_llm_2023_code.csv (or a slice of it)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models, RSS stand-in")
     ap.add_argument("--trace-seconds", type=float)
     ap.add_argument("--trace-requests", type=int)
     args = ap.parse_args(argv)
+    if args.phase == "report":
+        bw = load_state(make_config(args)).get("bandwidth") or json.loads(
+            (Path(args.out) / "gpu_bandwidth.json").read_text()
+        )
+        say(f"plot: {phase_report(Path(args.out), bw)}")
+        return 0
+    if args.vocab is None:
+        from stack.assets import CACHE_DIR, LLAMA_CPP_PYTHON_VERSION
+
+        src = CACHE_DIR / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}" / "src"
+        args.vocab = str(src / "models" / "ggml-vocab-llama-spm.gguf")
     cfg = make_config(args)
     if args.dry_run:
         nvml: Any = RssStandIn(2 * GIB)
