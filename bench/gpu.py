@@ -1187,9 +1187,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         nvml = Nvml()
     if cfg.binary == Path() and args.phase != "setup":
-        from stack.assets import cuda_profile, llama_server_path
+        from stack.assets import cuda_arch, cuda_profile, llama_server_path
 
-        cfg.binary = llama_server_path(cuda_profile("90"))
+        cfg.binary = llama_server_path(cuda_profile(cuda_arch() or "90"))
     t0 = time.perf_counter()
     if args.phase == "setup":
         phase_setup(cfg, nvml)
