@@ -470,7 +470,7 @@ async def phase_accounting(cfg: Config, nvml: Any) -> None:
                 "books_free_gib": round(books_free / GIB, 3),
                 "nvml_free_gib": round(card_free / GIB, 3),
                 "error_pct_of_card": round(100 * (books_free - card_free) / reading.total, 3),
-                "overcommit": books_free > card_free,
+                "books_above_card": books_free > card_free,
             }
         )
         say(f"books: {books_rows[-1]}")
