@@ -112,3 +112,64 @@ async def test_the_llamacpp_adapter_prefetches_the_file_its_router_would_load(tm
     for t in list(prefetch._running.values()):
         t.join(30)
     assert gpu.cached_fraction(path) == 1.0
+
+
+async def test_a_parked_request_warms_its_models_file_on_nodes_that_could_load_it(
+    fresh_nats_url, tmp_path
+):
+    from domain.state import NodeRecord, Slot
+    from functions.chat import warm_for_parked
+    from functions.services import Settings, open_services
+
+    path = tmp_path / "noise-4gb.gguf"
+    path.write_bytes(b"\x03" * (8 << 20))
+    _cached_or_skip(path)
+    listing = {
+        "data": [
+            {"id": "m", "status": {"value": "unloaded", "args": ["--model", str(path)]}},
+        ]
+    }
+    svc = await open_services(Settings(nats_url=fresh_nats_url), provision=True, reconfigure=True)
+    try:
+        asked: list[str] = []
+
+        def answer(req: httpx.Request) -> httpx.Response:
+            asked.append(str(req.url.host))
+            return httpx.Response(200, json=listing)
+
+        for host in ("a", "b", "c"):
+            url = f"http://{host}"
+            svc.runtimes[("llamacpp", url)] = LlamaCppRuntime(
+                url, client=httpx.AsyncClient(base_url=url, transport=httpx.MockTransport(answer))
+            )
+        nodes = [
+            NodeRecord(
+                node_id="a", runtime="llamacpp", url="http://a", capacity_bytes=1, available=["m"]
+            ),
+            NodeRecord(
+                node_id="b",
+                runtime="llamacpp",
+                url="http://b",
+                capacity_bytes=1,
+                available=["m"],
+                models={"m": Slot(state="ready", bytes=1)},
+            ),
+            NodeRecord(
+                node_id="c",
+                runtime="llamacpp",
+                url="http://c",
+                capacity_bytes=1,
+                available=["other"],
+            ),
+        ]
+        for n in nodes:
+            await svc.fleet.upsert(n, lambda r: r)
+        assert await warm_for_parked(svc, "m") == 1
+        assert asked == ["a"]  # b holds it, c cannot load it
+        for t in list(prefetch._running.values()):
+            t.join(30)
+        assert gpu.cached_fraction(path) == 1.0
+        svc.settings = svc.settings.but(prefetch=False)
+        assert await warm_for_parked(svc, "m") == 0
+    finally:
+        await svc.close()
