@@ -7,11 +7,9 @@ llama-server process (the router starts one child per model, with `--alias <mode
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -118,13 +116,3 @@ class GpuProbe:
         self.last = reading
         pids = model_pids(self.router_pid()) if self.router_pid else {}
         return reading, model_usage(reading, pids)
-
-    def free_for(self, booked: dict[str, int], reading: Reading, used: dict[str, int]) -> int:
-        return footprint.true_free(reading.free, booked, used)
-
-
-def record(nvml: Nvml, path: Path, label: str, extra: dict[str, Any] | None = None) -> None:
-    """Append one reading to a JSON fixture file (a list of labelled readings)."""
-    entries = json.loads(path.read_text()) if path.is_file() else []
-    entries.append({"label": label, **nvml.read().to_json(), **(extra or {})})
-    path.write_text(json.dumps(entries, indent=1))
