@@ -3,7 +3,7 @@ PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test test-cluster test-fast prepare lint clean bench-planner bench-sched bench-overhead
+.PHONY: install run test test-cluster test-fast prepare lint clean bench-planner bench-sched bench-overhead bench-gpu
 
 install: $(VENV)/.installed
 
@@ -45,3 +45,13 @@ bench-sched: install  ## scheduling quality on real traces (simulation); CSV + p
 
 bench-overhead: prepare  ## control-plane overhead on the real stack + throughput with a stub runtime
 	$(BIN)/python -m bench.overhead
+
+# bench-gpu needs PyTorch (the host->GPU copy rate, the foreign-memory process), which the project
+# does not pin: BENCH_PY is a python that has it and the project's dependencies.
+BENCH_PY ?= $(BIN)/python
+bench-gpu: install  ## on an NVIDIA GPU with PyTorch: CUDA build, then the four GPU results; CSV + plot in docs/bench/
+	$(BENCH_PY) -m autoscaler.cli prepare --cuda
+	$(BENCH_PY) -m bench.gpu --phase setup
+	$(BENCH_PY) -m bench.gpu --phase accounting
+	$(BENCH_PY) -m bench.gpu --phase trace --trace-seconds 120
+	$(BENCH_PY) -m bench.gpu --phase report

@@ -14,10 +14,14 @@ from collections.abc import Callable
 
 import psutil
 
+from domain import footprint
 from domain.state import NodeRecord
 from runtimes.base import Runtime
+from stores.catalog import Catalog
 from stores.fleet import Fleet
 from stores.waiting import Waiting
+
+from .gpu import GpuProbe
 
 log = logging.getLogger("agent.node")
 MemoryProbe = Callable[[], int | None]
@@ -71,9 +75,14 @@ class NodeAgent:
         runtime_log: str | None = None,
         waiting: Waiting | None = None,
         models_dir: str | None = None,
+        gpu: GpuProbe | None = None,
+        catalog: Catalog | None = None,
         advertise_url: str | None = None,
     ) -> None:
         self.fleet, self.node_id, self.runtime = fleet, node_id, runtime
+        # On a GPU: NVML-true free memory, and each resident model's bytes corrected from its
+        # process's reading (written back to the catalog, so the next load books it right).
+        self.gpu, self.catalog = gpu, catalog
         # Where the functions reach the runtime (a pod's DNS name), if not where the agent does.
         self.url = advertise_url or runtime.url
         self.capacity_bytes, self.probe, self.interval_s = capacity_bytes, probe, interval_s
@@ -107,11 +116,20 @@ class NodeAgent:
         keep_loading_since: float | None = None,
     ) -> NodeRecord:
         measured = self.probe() if self.probe else None
+        reading, used = self.gpu.read() if self.gpu else (None, {})
         now = time.time()
+        learned: dict[str, int] = {}
 
         def transition(r: NodeRecord) -> NodeRecord:
             new = r.model_copy(deep=True)
             new.heartbeat_at, new.measured_free_bytes = now, measured
+            if reading is not None:
+                for m, slot in new.models.items():
+                    if slot.state == "ready" and m in used:
+                        slot.bytes = footprint.corrected(slot.bytes, used[m])
+                        learned[m] = slot.bytes
+                booked = {m: s.bytes for m, s in new.models.items() if s.state != "evicting"}
+                new.measured_free_bytes = footprint.true_free(reading.free, booked, used)
             new.url, new.runtime = self.url, self.runtime.kind  # type: ignore[assignment]
             new.capacity_bytes = self.capacity_bytes
             if available is not None:
@@ -144,7 +162,21 @@ class NodeAgent:
             runtime_log=self.runtime_log,
             models_dir=self.models_dir,
         )
-        return await self.fleet.upsert(fresh, transition)
+        record = await self.fleet.upsert(fresh, transition)
+        if self.catalog is not None:
+            await self._learn(learned)
+        return record
+
+    async def _learn(self, measured: dict[str, int]) -> None:
+        """Write measured footprints into the catalog (what the planner books next time)."""
+        assert self.catalog is not None
+        for model, nbytes in measured.items():
+            info = await self.catalog.get(model)
+            if info is not None and info.bytes != nbytes:
+                await self.catalog.put(info.model_copy(update={"bytes": nbytes}))
+                log.info(
+                    "footprint model=%s node=%s bytes=%d (measured)", model, self.node_id, nbytes
+                )
 
     async def drain(self, timeout_s: float, poll_s: float = 0.5) -> bool:
         """Leave the fleet gracefully (scale-down, SIGTERM): mark the node draining so nothing

@@ -370,8 +370,18 @@ async def cmd_evict(args: argparse.Namespace) -> int:
 
 
 async def cmd_prepare(args: argparse.Namespace) -> int:
-    from stack.assets import ensure_gemma, ensure_llama_server, ensure_smollm2
+    from stack.assets import (
+        ensure_gemma,
+        ensure_llama_server,
+        ensure_llama_server_cuda,
+        ensure_smollm2,
+        noise_check_model,
+    )
 
+    if args.cuda:
+        check = None if args.no_check else noise_check_model()
+        print(f"llama-server (CUDA): {ensure_llama_server_cuda(args.cuda_arch, check)}")
+        return 0
     print(f"llama-server: {ensure_llama_server()}")
     print(f"gemma 3 270m: {ensure_gemma()}")
     print(f"smollm2 135m instruct: {ensure_smollm2()}")
@@ -414,11 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ui-host", default="127.0.0.1")
     up.set_defaults(fn=cmd_up)
 
-    sub.add_parser(
+    prep = sub.add_parser(
         "prepare",
         help="build llama-server (once, cached) and assemble the Gemma "
         "GGUF, without starting anything",
-    ).set_defaults(fn=cmd_prepare)
+    )
+    prep.set_defaults(fn=cmd_prepare)
+    prep.add_argument(
+        "--cuda", action="store_true", help="build the CUDA llama-server (GPU machines) only"
+    )
+    prep.add_argument("--cuda-arch", help="CUDA compute capability, e.g. 90 (default: GPU 0's)")
+    prep.add_argument(
+        "--no-check", action="store_true", help="do not check the build on the GPU afterwards"
+    )
 
     u = sub.add_parser("ui", help="the web UI (Panel) against a running bus")
     u.add_argument("--host", default="127.0.0.1", help="listen address (non-loopback needs auth)")

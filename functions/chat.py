@@ -256,6 +256,27 @@ async def _lease_ready(svc: Services, model: str, task_id: str) -> NodeRecord | 
     return None
 
 
+async def warm_for_parked(svc: Services, model: str) -> int:
+    """A request for `model` waits: start reading its file into the page cache on each node
+    that could load it and does not hold it, so its load, when it comes, is a warm one.
+    Only where the file is visible from here (the local stack); elsewhere nothing happens.
+    Returns how many reads were started."""
+    if not svc.settings.prefetch:
+        return 0
+    started = 0
+    for record, _ in await svc.fleet.nodes():
+        if model in record.models or (record.available and model not in record.available):
+            continue
+        warm = getattr(svc.runtime_of(record), "prefetch", None)
+        if warm is None:
+            continue
+        try:
+            started += bool(await warm(model))
+        except Exception as exc:  # a hint, never a reason to fail the request
+            log.warning("prefetch of %s on %s failed: %s", model, record.node_id, exc)
+    return started
+
+
 async def _park(run: Run, event: Event, req: ChatRequested, result: planner.Queue) -> Outcome:
     """Record the request as waiting and acknowledge it; events wake it."""
     svc, now = run.svc, time.time()
@@ -278,6 +299,8 @@ async def _park(run: Run, event: Event, req: ChatRequested, result: planner.Queu
         state="queued", reason=result.reason, owner=None, waiter_seq=seq, wake_at=wake_at
     )
     log.info("parked task_id=%s model=%s reason=%s", run.rec.task_id, req.model, result.reason)
+    if first:
+        await warm_for_parked(svc, req.model)
     if first and seq is not None and (waiter := await svc.waiting.get(seq)) is not None:
         # Memory may have been freed between our plan and the park: one look again.
         await svc.waiting.wake(waiter, "parked")

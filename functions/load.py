@@ -82,14 +82,18 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     def no_evictions(r: NodeRecord) -> bool:
         return not any(s.state == "evicting" for s in r.models.values())
 
+    runtime = svc.runtime_of(record)
     if not no_evictions(record):
+        # The load waits for its evictions: warm its file meanwhile (llama.cpp nodes).
+        warm = getattr(runtime, "prefetch", None)
+        if warm is not None and svc.settings.prefetch:
+            await warm(req.model)
         try:
             await svc.fleet.wait_for(node_id, no_evictions, svc.settings.unload_timeout_s)
         except TimeoutError:
             # Loading now could over-commit the runtime's memory: try again later (reconcile
             # re-sends the stuck evictions meanwhile).
             return Retry(5.0, f"evictions on {node_id} still pending; {req.model} waits")
-    runtime = svc.runtime_of(record)
     t0 = time.perf_counter()
     try:
         await runtime.load(req.model, svc.settings.load_timeout_s)

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     load_timeout_s: float = Field(default=300.0, gt=0)
     unload_timeout_s: float = Field(default=60.0, gt=0)
     chars_per_token: float = Field(default=4.0, gt=0)  # prompt-size check before any load
+    prefetch: bool = True  # warm a model's file into the page cache while its load waits
 
     def but(self, **changes: Any) -> Settings:
         """A copy with `changes`, validated like the environment is."""

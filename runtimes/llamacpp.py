@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from . import gguf_info
+from . import gguf_info, prefetch
 from .base import Progress, PullResult, RuntimeFailure, http_errors, poll_until
 
 TAIL_LINES = 8
@@ -128,6 +128,22 @@ class LlamaCppRuntime:
             return st.get("value") == "loaded"
 
         await poll_until(ready, timeout, what=f"{model} to load on {self.url}")
+
+    async def model_path(self, model: str) -> Path | None:
+        """The GGUF the router would load for `model` (its `--model` argument), if local."""
+        args = (await self._status(model)).get("args") or []
+        if "--model" in args[:-1]:
+            return Path(args[args.index("--model") + 1])
+        return None
+
+    async def prefetch(self, model: str) -> bool:
+        """Start warming `model`'s file into the page cache (a local router only). True if a
+        read was started."""
+        try:
+            path = await self.model_path(model)
+        except RuntimeFailure:
+            return False
+        return path is not None and prefetch.prefetch(path) is not None
 
     async def unload(self, model: str, timeout: float) -> None:
         if (await self._status(model)).get("value") == "unloaded":

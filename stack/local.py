@@ -26,12 +26,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import psutil
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from agent.gpu import GpuProbe, NoGpu, Nvml
 from agent.node import NodeAgent, nvml_probe, process_tree_probe
 from events import bus
 from events.codec import Event
@@ -140,6 +141,9 @@ class StackConfig:
     ctx_size: int = 2048
     fresh: bool = False  # wipe JetStream state first
     ollama_urls: tuple[str, ...] = ()  # existing Ollama servers to front, one node each
+    # What reads GPU memory (an `agent.gpu.Nvml`); None: NVML if it answers. Benchmarks pass
+    # a stand-in to exercise the GPU path on a CPU.
+    gpu_reader: Any = None
 
 
 @dataclass
@@ -451,6 +455,7 @@ class LocalStack:
             "OA_KEEP_ALIVE_S": str(self.cfg.settings.keep_alive_s),
             "OA_LOAD_TIMEOUT_S": str(self.cfg.settings.load_timeout_s),
             "OA_UNLOAD_TIMEOUT_S": str(self.cfg.settings.unload_timeout_s),
+            "OA_PREFETCH": str(self.cfg.settings.prefetch).lower(),
         }
         source = Path(__file__).resolve().parents[1] / "functions" / "entry.py"
         started = []
@@ -527,10 +532,16 @@ class LocalStack:
                 proc.log_path if proc else None,
                 models_dir,
             )
-            probe = nvml_probe() or (
-                process_tree_probe(lambda p=proc: p.popen.pid, self.cfg.node_memory)
-                if proc
-                else None
+            gpu = self._gpu_probe(proc) if proc else None
+            probe = (
+                None
+                if gpu
+                else nvml_probe()
+                or (
+                    process_tree_probe(lambda p=proc: p.popen.pid, self.cfg.node_memory)
+                    if proc
+                    else None
+                )
             )
             agent = NodeAgent(
                 svc.fleet,
@@ -541,6 +552,8 @@ class LocalStack:
                 runtime_log=str(proc.log_path) if proc else None,
                 waiting=svc.waiting,
                 models_dir=models_dir,
+                gpu=gpu,
+                catalog=svc.catalog if gpu else None,
             )
             self.agents[node_id] = agent
             await agent.register()
@@ -550,6 +563,16 @@ class LocalStack:
             self.dispatchers.append(d)
             self.tasks.append(asyncio.create_task(d.run(self.stop_event)))
         self.tasks.append(asyncio.create_task(self._ticker(svc)))
+
+    def _gpu_probe(self, proc: Proc) -> GpuProbe | None:
+        """On a GPU (NVML answers): the node's memory and its models' footprints from NVML."""
+        reader = self.cfg.gpu_reader
+        if reader is None:
+            try:
+                reader = Nvml()
+            except NoGpu:
+                return None
+        return GpuProbe(reader, lambda: proc.popen.pid)
 
     def models_dir(self, node_id: str) -> Path:
         """Where pulled GGUFs of a llama.cpp node go (its router reads them as models)."""
