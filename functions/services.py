@@ -107,14 +107,18 @@ async def open_services(
     provision: bool = False,
     ack_wait_s: float | None = None,
     reconfigure: bool = False,
+    nc: NATS | None = None,
+    replicas: int = 1,
 ) -> Services:
-    """Connect and bind the KV buckets; `provision` creates streams/consumers/buckets first
-    (the stack and the CLI do; a function expects them to exist)."""
+    """Connect (or use `nc`) and bind the KV buckets; `provision` creates streams/consumers/
+    buckets first, with `replicas` (the stack and the CLI do; a function expects them)."""
     settings = settings or Settings()
-    nc = await bus.connect(settings.nats_url, name="ollama-autoscaler-functions")
+    nc = nc or await bus.connect(settings.nats_url, name="ollama-autoscaler-functions")
     js = nc.jetstream()
     if provision:
-        await bus.provision(js, consumer_ack_wait_s=ack_wait_s, reconfigure=reconfigure)
+        await bus.provision(
+            js, consumer_ack_wait_s=ack_wait_s, reconfigure=reconfigure, replicas=replicas
+        )
     return Services(
         settings,
         nc,

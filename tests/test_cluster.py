@@ -415,11 +415,6 @@ async def _open_clustered(urls: list[str]) -> Services:
     """Services connected to a cluster: the server list, in order (no randomising)."""
     from nats.aio.client import Client
 
-    from stores.catalog import Catalog
-    from stores.fleet import Fleet
-    from stores.tasks import Tasks
-    from stores.waiting import Waiting
-
     nc = Client()
     await nc.connect(
         servers=urls,
@@ -428,21 +423,14 @@ async def _open_clustered(urls: list[str]) -> Services:
         reconnect_time_wait=0.2,
         connect_timeout=2,
     )
-    js = nc.jetstream()
     try:
-        await bus.provision(js, replicas=3, consumer_ack_wait_s=5, reconfigure=True)
+        return await open_services(
+            Settings(nats_url=urls[0]), provision=True, ack_wait_s=5, reconfigure=True,
+            nc=nc, replicas=3,
+        )  # fmt: skip
     except Exception:
         await nc.close()
         raise
-    return Services(
-        Settings(nats_url=urls[0]),
-        nc,
-        js,
-        Fleet(await js.key_value(bus.FLEET_BUCKET), js),
-        Tasks(await js.key_value(bus.TASKS_BUCKET), js),
-        Catalog(await js.key_value(bus.MODELS_BUCKET), js),
-        Waiting(js),
-    )
 
 
 # -- the JetStream -> Broker bridge ---------------------------------------------------------------
