@@ -21,11 +21,13 @@ run: prepare  ## the whole system on embedded defaults; Ctrl-C stops it
 
 DOMAIN := domain events/codec.py events/keys.py events/types.py events/outcome.py stores
 
-test: prepare lint  ## everything CI runs (the cluster fail-over run is `make test-cluster`)
-	$(BIN)/python -m pytest -q -m "not cluster_failover"
+test: prepare lint  ## everything CI runs
+	$(BIN)/python -m pytest -q
 
-test-cluster: install  ## a 3-server JetStream cluster losing a server mid-stream (see README)
-	$(BIN)/python -m pytest -q -m cluster_failover tests/test_cluster.py
+RUNS ?= 5
+test-cluster: install  ## the 3-server cluster fail-over test, $(RUNS) times in a row (flakiness hunt)
+	@for i in $$(seq $(RUNS)); do echo "fail-over run $$i/$(RUNS)"; \
+	  $(BIN)/python -m pytest -q -m cluster_failover tests/test_cluster.py || exit 1; done
 
 test-fast: install  ## no llama-server: planner, codec, fleet, Ollama fake, reconcile
 	$(BIN)/python -m pytest -q -m "not e2e and not cluster_failover"

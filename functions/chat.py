@@ -204,12 +204,17 @@ async def _claim(svc: Services, event: Event, req: ChatRequested, attempt: int) 
                 continue
         rec = got.record
         if rec.state in TERMINAL:
-            if woken or rec.end is None:
+            # A first wake of an ended task is stale; a wake seen again (attempt > 1) may be
+            # the one whose run stored the end but failed to publish it: re-send it.
+            if rec.end is None or (woken and attempt == 1):
                 return Done(f"already {rec.state}")
             await resend_end(svc, rec, same_message=attempt > 1)
             return Done(f"seen again after its end: {rec.end['type']} re-sent")
         if rec.owned_by_other(run_id, now):
-            if woken or rec.state == "queued":
+            # A first wake of a task another run holds is a duplicate wake: that run's own
+            # message is redelivered if it fails. A wake seen again (attempt > 1) is the one
+            # that run came from, so it must not be dropped.
+            if (woken and attempt == 1) or rec.state == "queued":
                 return Done("another run has it")
             # A second delivery while the first still runs (or its claim has not expired
             # yet after a crash): come back when the claim would have expired.
@@ -432,6 +437,12 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         return outcome
     except Lost as exc:
         return Done(str(exc))
+    except Exception:
+        # The run failed (a bus or store error mid-stream): give up the claim if the store
+        # answers, so the redelivery claims it at once rather than when the claim expires.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(run.save(owner=None, owner_until=0.0))
+        raise
     except asyncio.CancelledError:
         # Handed back (a draining worker): stop generating, give the lease back, and give up
         # the claim so the redelivery — on another worker — starts at once.

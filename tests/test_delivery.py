@@ -188,6 +188,56 @@ async def test_an_end_whose_publish_failed_is_resent_by_the_redelivery(world, mo
     assert len(done) == 1 and done[0].data["task_id"] == ev.id and done[0].data["text"]
 
 
+async def test_a_wake_whose_run_failed_is_served_by_its_redelivery(world, monkeypatch):
+    """Found by the cluster fail-over run: a woken request whose run failed mid-end (the
+    stream leader moving) was acked by its own redelivery as "another run has it" (the dead
+    run's claim) or "already done" (the end stored, never published): no end, ever."""
+    from stores.tasks import TaskRecord
+
+    events = await Collector().attach(world.svc.nc, "ollama.chat.>")
+    real = bus.publish
+    failed: list[str] = []
+
+    async def flaky(js, event, chat_id=None, msg_id=None):
+        if event.type == "chat.completed" and not failed:
+            failed.append(event.id)
+            raise ConnectionError("publish lost")
+        await real(js, event, chat_id, msg_id)
+
+    monkeypatch.setattr(bus, "publish", flaky)
+    await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))
+    data = {"chat_id": "w1", "model": A, "messages": [{"role": "user", "content": "hi"}]}
+    ev = Event("chat.requested", data, extensions={chat_fn.WAKE_EXTENSION: "t"})
+    now = time.time()
+    parked = TaskRecord(
+        task_id=ev.id, source=ev.source, chat_id="w1", model=A, state="queued",
+        created_at=now, updated_at=now,
+    )  # fmt: skip
+    rev = await world.svc.tasks.create(parked)
+    # A run that died holding the claim: the redelivery of its wake waits for the claim.
+    dead = parked.model_copy(update={"state": "running", "owner": "dead", "owner_until": now + 5})
+    rev = await world.svc.tasks.update(dead, rev)
+    assert isinstance(await chat_fn.handle(world.svc, ev, 1), Done)  # a duplicate wake
+    outcome = await chat_fn.handle(world.svc, ev, 2)  # its own wake, redelivered
+    assert isinstance(outcome, Retry) and 4 < outcome.delay_s < 6 and not outcome.failure
+    await world.svc.tasks.update(dead.model_copy(update={"owner_until": 0.0}), rev)
+    # The run stores the end, its publish fails: the run gives its claim up...
+    with pytest.raises(ConnectionError):
+        await chat_fn.handle(world.svc, ev, 3)
+    rec = (await world.svc.tasks.get(ev.source, ev.id)).record
+    assert (
+        rec.state == "done"
+        and rec.end
+        and rec.owner is None
+        and not events.of_type("chat.completed")
+    )
+    # ...and the redelivery sends the stored end, once.
+    assert isinstance(await chat_fn.handle(world.svc, ev, 4), Done)
+    done = await wait_until(lambda: events.of_type("chat.completed"), what="the end")
+    assert len(done) == 1 and done[0].data["task_id"] == ev.id
+    assert len([r for r in world.fake.requests if r[0] == "/api/chat"]) == 1
+
+
 def _with_ready(r: NodeRecord, model: str, gen: int = 7) -> NodeRecord:
     new = r.model_copy(deep=True)
     new.models[model] = Slot(state="ready", bytes=GIB, gen=gen, keep_alive_until=time.time() + 300)

@@ -414,6 +414,41 @@ async def test_a_non_loopback_address_needs_auth_and_a_wrong_password_is_refused
         server.stop()
 
 
+async def test_the_websocket_is_refused_to_origins_not_named(world, monkeypatch):
+    """Bokeh's origin check: loopback and the OA_UI_ORIGINS the operator names may open the
+    page's websocket; any other origin (another site in the user's browser) gets 403."""
+    from ui.serve import serve, ws_origins
+
+    stack, _ui, _browser = world
+    monkeypatch.setenv("OA_UI_ORIGINS", "chat.example.test, admin.example.test:8443")
+    port = free_port()
+    assert ws_origins("127.0.0.1", port)[-2:] == ["chat.example.test", "admin.example.test:8443"]
+    server = serve(stack.nats_url, "127.0.0.1", port)
+    server.start()
+    upgrade = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            statuses = {}
+            for origin in (
+                "http://chat.example.test",
+                "https://admin.example.test:8443",
+                f"http://localhost:{port}",
+                "http://evil.example",
+                "https://admin.example.test:9999",
+            ):
+                resp = await client.get("/ws", headers={**upgrade, "Origin": origin})
+                statuses[origin] = resp.status_code
+        refused = {o for o, code in statuses.items() if code == 403}
+        assert refused == {"http://evil.example", "https://admin.example.test:9999"}, statuses
+    finally:
+        server.stop()
+
+
 def test_check_access_rules():
     from ui.serve import RefusedToServe, check_access
 

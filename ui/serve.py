@@ -48,6 +48,14 @@ def check_access(host: str, password: str | None) -> None:
         )
 
 
+def ws_origins(host: str, port: int) -> list[str]:
+    """The origins whose pages may open the app's websocket (Bokeh refuses others): this
+    address and loopback (a port-forward), plus the `OA_UI_ORIGINS` the operator names
+    (comma-separated `host[:port]`, e.g. the load balancer's or Ingress's host name)."""
+    extra = [o.strip() for o in os.environ.get("OA_UI_ORIGINS", "").split(",") if o.strip()]
+    return list(dict.fromkeys([f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}", *extra]))
+
+
 def serve(nats_url: str, host: str = "127.0.0.1", port: int = 8501, show: bool = False) -> Any:
     """Start the server (non-blocking, on the running asyncio loop); returns it."""
     password = ui_password()
@@ -74,7 +82,7 @@ def serve(nats_url: str, host: str = "127.0.0.1", port: int = 8501, show: bool =
         start=False,
         title="Ollama Autoscaler",
         verbose=False,
-        websocket_origin=[f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"],
+        websocket_origin=ws_origins(host, port),
         **extra,
     )
     signal.signal(signal.SIGINT, previous)

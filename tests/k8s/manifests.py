@@ -23,6 +23,7 @@ SHARED_SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"
 KUSTOMIZATIONS = (
     "knative/overlays/local",
     "knative/overlays/gpu",
+    "knative/overlays/gpu-dra",
     "knative/eventing-natss",
     "keda/knative",
     "keda/pull-worker",
@@ -30,9 +31,10 @@ KUSTOMIZATIONS = (
 SHAPES = {
     "knative-local": ("knative/overlays/local", "keda/knative", "knative/eventing-natss"),
     "knative-gpu": ("knative/overlays/gpu", "keda/knative", "knative/eventing-natss"),
+    "knative-gpu-dra": ("knative/overlays/gpu-dra", "keda/knative", "knative/eventing-natss"),
     "pull-worker": ("keda/pull-worker",),
 }
-KNATIVE_SHAPES = ("knative-local", "knative-gpu")
+KNATIVE_SHAPES = ("knative-local", "knative-gpu", "knative-gpu-dra")
 
 Doc = dict[str, Any]
 
@@ -262,14 +264,15 @@ def config_map_data(docs: tuple[Doc, ...], name: str) -> dict[str, str]:
 
 
 def container_env(docs: tuple[Doc, ...], c: Doc) -> dict[str, str | None]:
-    """The environment a container gets from `env` and `envFrom` (values of fieldRef/secret
-    refs are None)."""
+    """The environment a container gets from `env` and `envFrom` (ConfigMap keys resolved;
+    values of fieldRef/secret refs are None)."""
     env: dict[str, str | None] = {}
     for src in c.get("envFrom", []):
         if "configMapRef" in src:
             env.update(config_map_data(docs, src["configMapRef"]["name"]))
     for e in c.get("env", []):
-        env[e["name"]] = e.get("value")
+        ref = e.get("valueFrom", {}).get("configMapKeyRef")
+        env[e["name"]] = config_map_data(docs, ref["name"])[ref["key"]] if ref else e.get("value")
     return env
 
 
