@@ -24,6 +24,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     StorageType,
     StreamConfig,
@@ -79,6 +80,21 @@ CONSUMERS: dict[str, ConsumerSpec] = {
     "reconcile": ConsumerSpec("reconcile", "fleet.tick", ack_wait_s=30.0, max_ack_pending=1),
 }
 BRIDGE_SPEC = ConsumerSpec(BRIDGE_CONSUMER, BRIDGED_TYPES[0], also=BRIDGED_TYPES[1:])
+
+# Disk bounds of every stream and bucket (bytes), chosen so that a client cannot fill the disk
+# and the total stays small enough for JetStream to reserve on a laptop (about 1.9 GiB).
+MIB = 1 << 20
+MAX_MSG_BYTES = 1 << 20  # the NATS default max_payload; codec.MAX_EVENT_BYTES agrees
+MAX_WAITING = 100_000  # parked requests
+LIMITS: dict[str, int] = {
+    "events": 1024 * MIB,
+    "tokens": 256 * MIB,
+    "deadletter": 256 * MIB,
+    "waiting": 64 * MIB,
+    FLEET_BUCKET: 32 * MIB,
+    MODELS_BUCKET: 32 * MIB,
+    TASKS_BUCKET: 256 * MIB,
+}
 
 
 async def connect(url: str = DEFAULT_NATS_URL, name: str = "ollama-autoscaler") -> NATS:
@@ -142,6 +158,11 @@ async def provision(
             subjects=["ollama.chat.*", "ollama.model.>", "ollama.fleet.>"],
             storage=StorageType.FILE,
             max_age=7 * 86400,
+            # Requests not yet handled are never thrown away: a full stream refuses new ones
+            # (the publisher gets an error: back-pressure), it does not drop old ones.
+            max_bytes=LIMITS["events"],
+            max_msg_size=MAX_MSG_BYTES,
+            discard=DiscardPolicy.NEW,
             duplicate_window=120,
             num_replicas=replicas,
         ),
@@ -150,6 +171,9 @@ async def provision(
             subjects=["ollama.chat.token.>"],
             storage=StorageType.FILE,
             max_age=600,
+            max_bytes=LIMITS["tokens"],  # tokens are ephemeral: the oldest go first
+            max_msg_size=MAX_MSG_BYTES,
+            discard=DiscardPolicy.OLD,
             num_replicas=replicas,
         ),
         StreamConfig(
@@ -157,6 +181,8 @@ async def provision(
             subjects=[f"{DEAD_LETTER_PREFIX}.>"],
             storage=StorageType.FILE,
             max_age=30 * 86400,
+            max_bytes=LIMITS["deadletter"],  # the newest records are kept, the oldest go
+            discard=DiscardPolicy.OLD,
             num_replicas=replicas,
         ),
         StreamConfig(
@@ -165,6 +191,9 @@ async def provision(
             storage=StorageType.FILE,
             max_age=7 * 86400,
             allow_direct=True,  # the cheap "is anyone waiting?" probe after every release
+            max_bytes=LIMITS["waiting"],  # a full queue refuses to park more (never drops)
+            max_msgs=MAX_WAITING,
+            discard=DiscardPolicy.NEW,
             num_replicas=replicas,
         ),
     )
@@ -188,7 +217,7 @@ async def provision(
         (FLEET_BUCKET, 64, None),
         (MODELS_BUCKET, 5, None),
         (TASKS_BUCKET, 1, 86400.0),
-    ):
+    ):  # KV buckets refuse writes when full (their discard policy is NEW)
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:
@@ -197,6 +226,8 @@ async def provision(
                     bucket=bucket,
                     history=history,
                     ttl=ttl,
+                    max_bytes=LIMITS[bucket],
+                    max_value_size=MAX_MSG_BYTES,
                     storage=StorageType.FILE,
                     replicas=replicas,
                 )

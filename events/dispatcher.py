@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -89,6 +90,7 @@ def dead_letter_record(
         headers={k: str(v)[:1024] for k, v in list(headers.items())[:64]},
         body=body[:MAX_DEAD_BODY_BYTES].decode("utf-8", errors="replace"),
         body_bytes=len(body),
+        body_sha256=hashlib.sha256(body).hexdigest(),
         body_truncated=len(body) > MAX_DEAD_BODY_BYTES,
         num_delivered=num_delivered,
     )

@@ -198,6 +198,7 @@ class DeadLetter(_Data):
     headers: dict[str, str]
     body: str  # original bytes, decoded as UTF-8 with replacement (cut if very large)
     body_bytes: int = 0  # the original body's size
+    body_sha256: str = ""  # of the original body, whole (the kept body may be cut)
     body_truncated: bool = False
     num_delivered: int = 1
 

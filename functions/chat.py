@@ -21,7 +21,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -56,18 +55,6 @@ WAKE_EXTENSION = "oawake"  # set on a re-published parked request
 
 class Lost(RuntimeError):
     """Another run took this task over (our claim expired): stop, publish nothing."""
-
-
-def _event_time(event: Event, now: float) -> float:
-    """When the client sent it (for queue_ms), trusted only within the last minute."""
-    if event.time:
-        try:
-            t = datetime.fromisoformat(event.time).timestamp()
-            if now - 60 < t <= now + 1:
-                return t
-        except ValueError:
-            pass
-    return now
 
 
 @dataclass
@@ -193,7 +180,7 @@ async def _claim(svc: Services, event: Event, req: ChatRequested, attempt: int) 
                 model=req.model,
                 state="placing",
                 priority=req.priority,
-                created_at=_event_time(event, now),
+                created_at=now,  # arrival here: a client's `time` is never trusted
                 updated_at=now,
                 owner=run_id,
                 owner_until=now + OWNER_TTL_S,
@@ -457,6 +444,24 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         svc.cancels.pop(run.rec.task_id, None)
 
 
+def _out_of_bounds(svc: Services, req: ChatRequested, info: Any) -> str | None:
+    """What in the request's options exceeds the model or the deployment's limits, if any."""
+    opts, settings = req.options, svc.settings
+    if opts.num_ctx is not None and info.context and opts.num_ctx > info.context:
+        return (
+            f"options.num_ctx {opts.num_ctx} exceeds the {info.context}-token context "
+            f"of {req.model}"
+        )
+    if opts.max_tokens is not None and opts.max_tokens > settings.max_tokens:
+        return f"options.max_tokens {opts.max_tokens} exceeds the limit of {settings.max_tokens}"
+    if opts.keep_alive_s is not None and opts.keep_alive_s > settings.max_keep_alive_s:
+        return (
+            f"options.keep_alive_s {opts.keep_alive_s:g} exceeds the limit of "
+            f"{settings.max_keep_alive_s:g} s"
+        )
+    return None
+
+
 async def _serve(run: Run, event: Event, req: ChatRequested, info: Any) -> Outcome:
     svc, task_id = run.svc, run.rec.task_id
     if info is None:
@@ -464,6 +469,11 @@ async def _serve(run: Run, event: Event, req: ChatRequested, info: Any) -> Outco
         msg = f"unknown model {req.model!r}; the catalog has: {known}"
         await _fail(run, "unknown_model", msg)
         return Reject(msg)
+    problem = _out_of_bounds(svc, req, info)
+    if problem:
+        await _fail(run, "invalid_request", problem)
+        return Reject(problem)
+    req.options.max_tokens = req.options.max_tokens or svc.settings.default_max_tokens
     context = req.options.num_ctx or info.context or 2048
     est_tokens = req.prompt_chars() / svc.settings.chars_per_token
     if est_tokens > context:

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     )
     policy: Policy = "cost"
     keep_alive_s: float = Field(default=300.0, ge=0)
+    # Bounds on what a client may ask (each over-limit request ends with `invalid_request`).
+    max_keep_alive_s: float = Field(default=86_400.0, ge=0)  # options.keep_alive_s
+    default_max_tokens: int = Field(default=2048, ge=1)  # options.max_tokens when unset
+    max_tokens: int = Field(default=16_384, ge=1)  # an answer must fit one NATS message
     load_timeout_s: float = Field(default=300.0, gt=0)
     unload_timeout_s: float = Field(default=60.0, gt=0)
     chars_per_token: float = Field(default=4.0, gt=0)  # prompt-size check before any load

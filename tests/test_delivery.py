@@ -6,11 +6,13 @@ faults (a stream cut short, a load that hangs) can be injected into it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -410,8 +412,49 @@ async def test_an_oversized_dead_letter_is_cut_and_the_message_terminated(world)
     await world.svc.js.publish("ollama.chat.requested", hostile)
     record = (await wait_until(dead.dead, what="the dead letter"))[0]
     assert record["body_truncated"] and record["body_bytes"] == 530_000
+    assert record["body_sha256"] == hashlib.sha256(hostile).hexdigest()  # of the whole body
     assert "malformed event" in record["reason"]
     await wait_until(lambda: _settled(world.svc), what="the message terminated, nothing pending")
+
+
+async def test_options_beyond_the_model_or_the_limits_end_with_a_clear_error(world):
+    """Bounds on what a client sets: num_ctx within the model's context (it reached Ollama's
+    allocator), max_tokens and keep_alive_s within the deployment's limits; a default
+    max_tokens when unset. Nothing is loaded for a refused request."""
+    limits = world.svc.settings
+    cases = {
+        "num_ctx": ({"num_ctx": 8192}, "exceeds the 4096-token context"),
+        "max_tokens": ({"max_tokens": limits.max_tokens + 1}, "options.max_tokens"),
+        "keep_alive_s": ({"keep_alive_s": limits.max_keep_alive_s * 2}, "options.keep_alive_s"),
+    }
+    for name, (options, says) in cases.items():
+        session = await world.session(A, **options)
+        end = (await session.wait(30)).end
+        assert end.type == "chat.failed", (name, end.data)
+        assert (
+            end.data["error"]["code"] == "invalid_request" and says in end.data["error"]["message"]
+        ), (name, end.data)
+    assert not world.fake.loaded and not [r for r in world.fake.requests if r[0] == "/api/chat"]
+    ok = await (await world.session(A, num_ctx=4096)).wait(60)  # the model's own: allowed
+    assert ok.end.type == "chat.completed", ok.end.data
+    (sent,) = [body for path, body in world.fake.requests if path == "/api/chat"]
+    assert sent["options"]["num_predict"] == limits.default_max_tokens
+
+
+async def test_a_client_s_event_time_never_shortens_its_wait(world):
+    """The event `time` is the client's to set: it was trusted (within a minute) as the
+    arrival, so a client could claim to have waited longer and jump admission's queue."""
+    await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))
+    past = datetime.fromtimestamp(time.time() - 55, UTC).isoformat()
+    ev = Event(
+        "chat.requested",
+        {"chat_id": "early", "model": A, "messages": [{"role": "user", "content": "hi"}]},
+        time=past,
+    )
+    before = time.time()
+    await bus.publish(world.svc.js, ev)
+    got = await wait_until(lambda: world.svc.tasks.get(ev.source, ev.id), what="its task")
+    assert got.record.created_at >= before - 1, "the client's time was taken as its arrival"
 
 
 async def _settled(svc: Services) -> bool:
@@ -472,6 +515,38 @@ async def test_provisioning_keeps_the_ack_wait_of_an_existing_consumer(fresh_nat
     assert info.config.ack_wait == 30
     await other.close()
     await svc.close()
+
+
+async def test_full_streams_refuse_requests_and_drop_only_old_tokens(fresh_nats_url, monkeypatch):
+    """Disk bounds a client cannot exceed: a full request stream refuses the new request (the
+    publisher hears it) and keeps every queued one; a full token stream drops its oldest."""
+    import nats.js.errors
+
+    small = {**bus.LIMITS, "events": 64 * 1024, "tokens": 64 * 1024}
+    monkeypatch.setattr(bus, "LIMITS", small)
+    svc = await open_services(Settings(nats_url=fresh_nats_url), provision=True, reconfigure=True)
+    try:
+        body = json.dumps({"pad": "x" * 4000}).encode()
+        accepted = 0
+        with pytest.raises(nats.js.errors.APIError, match="maximum bytes"):
+            for _ in range(100):
+                await svc.js.publish("ollama.chat.requested", body)
+                accepted += 1
+        events = await svc.js.stream_info(bus.EVENTS_STREAM)
+        assert 0 < accepted < 100 and events.state.messages == accepted
+        assert events.state.first_seq == 1  # nothing queued was dropped
+        for _ in range(100):
+            await svc.js.publish("ollama.chat.token.c1", body)  # never refused
+        tokens = await svc.js.stream_info(bus.TOKENS_STREAM)
+        assert tokens.state.bytes <= 64 * 1024 and tokens.state.first_seq > 1
+        for name in (bus.DLQ_STREAM, bus.WAITING_STREAM):
+            assert (await svc.js.stream_info(name)).config.max_bytes == bus.LIMITS[
+                {bus.DLQ_STREAM: "deadletter", bus.WAITING_STREAM: "waiting"}[name]
+            ]
+        tasks = await svc.js.stream_info(f"KV_{bus.TASKS_BUCKET}")
+        assert tasks.config.max_bytes == bus.LIMITS[bus.TASKS_BUCKET]
+    finally:
+        await svc.close()
 
 
 async def test_reconcile_removes_ghost_waiters_and_wakes_ended_deferrals(world):
