@@ -438,6 +438,12 @@ class LocalStack:
                     "127.0.0.1",
                     "--port",
                     str(port),
+                    # No cross-origin access: llama-server's default reflects any page's Origin
+                    # with credentials allowed, so any web page in a local browser could read
+                    # from it. Its model processes inherit these (router mode passes them on).
+                    "--cors-origins",
+                    url,
+                    "--no-cors-credentials",
                 ],
                 url,
                 ready=lambda p, u=url: self._wait_http(p, u + "/models"),

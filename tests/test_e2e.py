@@ -339,6 +339,33 @@ async def test_a_model_process_killed_mid_stream_ends_in_chat_failed(make_stack)
     await nc.close()
 
 
+async def test_no_web_page_may_read_from_llama_server_or_its_model_processes(make_stack):
+    """llama-server's defaults reflect any Origin with credentials allowed: a page on any site
+    open in a local browser could drive it. The router and each model process it starts must
+    answer another origin with neither."""
+    stack, nc = await make_stack()
+    result = await chat(nc, A, "Hi", timeout=120, max_tokens=2)
+    assert result.end.type == "chat.completed", result.end.data
+    _, router = _child_of(stack, "llama-server-node-0")
+    urls = [stack.runtime_urls["node-0"]]
+    for child in router.children(recursive=True):
+        for conn in child.net_connections(kind="tcp"):
+            if conn.status == "LISTEN":
+                urls.append(f"http://127.0.0.1:{conn.laddr.port}")
+    assert len(urls) >= 2, "no model process listening"
+    evil = {"Origin": "http://evil.example"}
+    async with httpx.AsyncClient() as client:
+        for url in urls:
+            for resp in (
+                await client.get(url + "/health", headers=evil),
+                await client.options(url + "/v1/chat/completions", headers=evil),
+            ):
+                allowed = resp.headers.get("access-control-allow-origin", "")
+                assert allowed not in ("*", evil["Origin"]), (url, allowed)
+                assert resp.headers.get("access-control-allow-credentials") != "true", url
+    await nc.close()
+
+
 async def test_a_prompt_past_the_runtimes_context_is_prompt_too_long(make_stack):
     """Defect 16: llama-server's context overflow was reported as model_not_loaded."""
     stack, nc = await make_stack()
