@@ -162,10 +162,8 @@ async def test_a_chat_dead_lettered_by_the_dispatcher_ends_with_chat_failed(worl
 
 
 # -- exactly one end ------------------------------------------------------------------------------
-async def test_an_end_whose_publish_failed_is_resent_by_the_redelivery(world, monkeypatch):
-    """Defect 1: the task was marked done before the end was published; a redelivery of a
-    done task was acked silently, so the client never heard the end."""
-    events = await Collector().attach(world.svc.nc, "ollama.chat.>")
+def _lose_the_first_end(monkeypatch: Any) -> list[str]:
+    """Make the first `chat.completed` publish fail; returns the ids of those that failed."""
     real = bus.publish
     failed: list[str] = []
 
@@ -176,6 +174,14 @@ async def test_an_end_whose_publish_failed_is_resent_by_the_redelivery(world, mo
         await real(js, event, chat_id, msg_id)
 
     monkeypatch.setattr(bus, "publish", flaky)
+    return failed
+
+
+async def test_an_end_whose_publish_failed_is_resent_by_the_redelivery(world, monkeypatch):
+    """Defect 1: the task was marked done before the end was published; a redelivery of a
+    done task was acked silently, so the client never heard the end."""
+    events = await Collector().attach(world.svc.nc, "ollama.chat.>")
+    failed = _lose_the_first_end(monkeypatch)
     await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))  # resident: no load needed
     ev = Event(
         "chat.requested",
@@ -197,16 +203,7 @@ async def test_a_wake_whose_run_failed_is_served_by_its_redelivery(world, monkey
     from stores.tasks import TaskRecord
 
     events = await Collector().attach(world.svc.nc, "ollama.chat.>")
-    real = bus.publish
-    failed: list[str] = []
-
-    async def flaky(js, event, chat_id=None, msg_id=None):
-        if event.type == "chat.completed" and not failed:
-            failed.append(event.id)
-            raise ConnectionError("publish lost")
-        await real(js, event, chat_id, msg_id)
-
-    monkeypatch.setattr(bus, "publish", flaky)
+    _lose_the_first_end(monkeypatch)
     await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))
     data = {"chat_id": "w1", "model": A, "messages": [{"role": "user", "content": "hi"}]}
     ev = Event("chat.requested", data, extensions={chat_fn.WAKE_EXTENSION: "t"})
