@@ -364,6 +364,13 @@ def test_nats_is_a_three_server_jetstream_cluster_as_provisioned(shape: str) -> 
         assert c[probe]["httpGet"]["path"].startswith("/healthz")
         assert c[probe]["httpGet"]["port"] == "monitor"
     assert m.one(docs, "Service", "nats")["spec"]["ports"][0]["port"] == 4222
+    # Each server stores a replica of every stream and bucket, each bounded by the code's
+    # LIMITS: the JetStream store and the volume under it must hold them all at once.
+    bounded = sum(bus.LIMITS.values())
+    store = re.search(r"max_file_store: (\d+)GB", conf)
+    assert store and int(store.group(1)) * 10**9 >= 2 * bounded
+    volume = nats["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    assert re.fullmatch(r"\d+Gi", volume) and int(volume[:-2]) * 2**30 >= 1.5 * bounded, volume
 
 
 @pytest.mark.parametrize("shape", sorted(m.SHAPES))
