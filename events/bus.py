@@ -37,7 +37,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from .codec import Event, to_binary
+from .codec import MAX_EVENT_BYTES, Event, to_binary
 from .types import DEAD_LETTER_PREFIX, subject_for
 
 log = logging.getLogger("events.bus")
@@ -84,7 +84,7 @@ BRIDGE_SPEC = ConsumerSpec(BRIDGE_CONSUMER, BRIDGED_TYPES[0], also=BRIDGED_TYPES
 # Disk bounds of every stream and bucket (bytes), chosen so that a client cannot fill the disk
 # and the total stays small enough for JetStream to reserve on a laptop (about 1.9 GiB).
 MIB = 1 << 20
-MAX_MSG_BYTES = 1 << 20  # the NATS default max_payload; codec.MAX_EVENT_BYTES agrees
+MAX_MSG_BYTES = MAX_EVENT_BYTES  # the NATS default max_payload, the codec's event limit
 MAX_WAITING = 100_000  # parked requests
 LIMITS: dict[str, int] = {
     "events": 1024 * MIB,
