@@ -15,7 +15,7 @@ from collections.abc import Callable
 import psutil
 
 from domain import footprint
-from domain.state import NodeRecord
+from domain.state import NodeRecord, Registration
 from runtimes.base import Runtime
 from stores.catalog import Catalog
 from stores.fleet import Fleet
@@ -98,6 +98,16 @@ class NodeAgent:
         `model.load` is on its way to the new process.
         """
         loaded = await self.runtime.loaded()
+        await self.fleet.register(
+            Registration(
+                node_id=self.node_id,
+                runtime=self.runtime.kind,  # type: ignore[arg-type]
+                url=self.url,
+                runtime_log=self.runtime_log,
+                models_dir=self.models_dir,
+                registered_at=time.time(),
+            )
+        )
         record = await self.beat(
             await self.runtime.available(),
             keep_only=set(loaded),

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 from domain import planner
 from events import bus
+from events.auth import ADMIN, DEFAULT_CLIENT, read_env_file
 from events.codec import Event
 from events.types import ChatCompleted, ChatFailed, ChatRequested, ChatToken, ModelEvict, ModelLoad
 
@@ -63,6 +65,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         settings=settings,
         fresh=args.fresh,
         ollama_urls=tuple(args.ollama),
+        auth=not args.no_auth,
         state_dir=Path(args.state_dir) if args.state_dir else StackConfig().state_dir,
     )
     if args.models:
@@ -83,7 +86,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         from ui.serve import RefusedToServe, serve
 
         try:
-            ui_server = serve(stack.nats_url, args.ui_host, args.ui_port)
+            ui_server = serve(stack.url_for("ui"), args.ui_host, args.ui_port)
             ui_server.start()
         except (RefusedToServe, OSError) as exc:
             print(f"warning: the UI did not start: {exc}", file=sys.stderr)
@@ -98,6 +101,15 @@ async def cmd_up(args: argparse.Namespace) -> int:
         "A child that exits is restarted (see the logs). Ctrl-C stops everything.",
         flush=True,
     )
+    if stack.creds is not None:
+        where = "" if args.state_dir is None else f"OA_STATE_DIR={cfg.state_dir} "
+        print(
+            f"NATS runs with auth: one identity per component, credentials in {stack.auth_dir}"
+            f" (0600).\n  the CLI finds them itself ({where}ollama-autoscaler chat ... runs as "
+            f"'{DEFAULT_CLIENT}');\n  the nats CLI: set -a; . {stack.auth_dir}/admin.env; set +a"
+            f"\n  a new client: {where}ollama-autoscaler add-client NAME",
+            flush=True,
+        )
     await stop.wait()
     print("\nstopping ...", flush=True)
     await stack.stop()
@@ -158,7 +170,9 @@ async def cmd_chat(args: argparse.Namespace) -> int:
 
     session = await ChatSession(nc, req, on_token).start()
     task_id = session.result.task_id
-    tasks = Tasks(await nc.jetstream().key_value(bus.TASKS_BUCKET))
+    # Only the operator may read task records (a client reads just its own chat's events).
+    tasks = Tasks(bus.bucket(nc.jetstream(), bus.TASKS_BUCKET))
+    may_read_tasks = bus.user_of(nc) in ("", ADMIN)
     source = session.event.source
     said_queued = False
     deadline = time.monotonic() + args.timeout
@@ -171,7 +185,12 @@ async def cmd_chat(args: argparse.Namespace) -> int:
             await session.cancel()
             deadline = min(deadline, time.monotonic() + 10)
             interrupted.clear()
-        if not await session.ended_within(1.0) and not said_queued and not session.result.tokens:
+        if (
+            not await session.ended_within(1.0)
+            and may_read_tasks
+            and not said_queued
+            and not session.result.tokens
+        ):
             got = await tasks.get(source, task_id)
             rec = got.record if got else None
             if rec and rec.state == "queued":
@@ -206,6 +225,62 @@ async def cmd_chat(args: argparse.Namespace) -> int:
         f"task={done.task_id}]"
     )
     return 0
+
+
+# -- add-client ---------------------------------------------------------------------------------
+def cmd_add_client(args: argparse.Namespace) -> int:
+    """A new client identity for the local stack: its password, the server's config, and
+    its env file; a running nats-server reloads the config (SIGHUP) and takes it at once."""
+    from events.auth import (
+        check_new_client,
+        ensure_credentials,
+        write_env_files,
+        write_server_config,
+    )
+
+    try:
+        name = check_new_client(args.name)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    auth_dir = state_dir() / "auth"
+    if not (auth_dir / "credentials.json").exists():
+        print(
+            f"error: no stack credentials in {auth_dir}; start the stack once (make run)",
+            file=sys.stderr,
+        )
+        return 2
+    known = json.loads((auth_dir / "credentials.json").read_text())
+    creds = ensure_credentials(auth_dir, [*known, name])
+    write_server_config(auth_dir, creds)
+    nats_url = read_env_file(auth_dir / f"{ADMIN}.env")["NATS_URL"]
+    write_env_files(auth_dir, creds, nats_url)
+    reloaded = _reload_nats(state_dir() / "pids.json")
+    print(f"client {name!r}: {auth_dir / (name + '.env')}")
+    print(f"  it may publish ollama.chat.requested.{name} and ollama.chat.cancel.{name}, and read")
+    print(f"  ollama.chat.token.{name}.* ollama.chat.completed.{name} ollama.chat.failed.{name}")
+    print(
+        "  nats-server reloaded its config"
+        if reloaded
+        else "  (no running nats-server found: the stack takes it when it starts)"
+    )
+    print(f"use it:  set -a; . {auth_dir / (name + '.env')}; set +a")
+    return 0
+
+
+def _reload_nats(pids_file: Path) -> bool:
+    try:
+        recorded = json.loads(pids_file.read_text())
+    except (OSError, ValueError):
+        return False
+    for entry in recorded:
+        if entry.get("name") == "nats-server":
+            try:
+                os.kill(int(entry["pgid"]), signal.SIGHUP)  # nats-server: reload the config
+                return True
+            except ProcessLookupError:
+                return False
+    return False
 
 
 # -- status / models / task ----------------------------------------------------------------------
@@ -393,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ollama-autoscaler", description="VRAM-aware, event-driven serving for LLM fleets"
     )
     p.add_argument("--nats", default=bus.DEFAULT_NATS_URL, help="NATS URL (default %(default)s)")
+    p.add_argument(
+        "--as",
+        dest="identity",
+        metavar="USER",
+        help="the NATS identity to connect as, from the local stack's <state>/auth/USER.env "
+        "(default: the command's own; NATS_USER/NATS_PASSWORD in the environment win)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -420,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--function-port", type=int, default=8090)
     up.add_argument("--state-dir")
     up.add_argument("--fresh", action="store_true", help="wipe JetStream state first")
+    up.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run NATS without authentication (anyone on this machine may do anything)",
+    )
     up.add_argument("--ui-port", type=int, default=8501, help="the web UI's port (0: no UI)")
     up.add_argument("--ui-host", default="127.0.0.1")
     up.set_defaults(fn=cmd_up)
@@ -469,10 +556,54 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument("--node")
         m.add_argument("--timeout", type=float, default=300.0)
         m.set_defaults(fn=fn)
+    a = sub.add_parser(
+        "add-client", help="a new client identity for the local stack (its own chats only)"
+    )
+    a.add_argument("name", help="a-z 0-9 _ - (its subject segment and NATS user)")
+    a.set_defaults(fn=cmd_add_client, sync=True)
     t = sub.add_parser("task", help="a task's state and timings")
     t.add_argument("task_id")
     t.set_defaults(fn=cmd_task)
     return p
+
+
+# Who each command connects as, when NATS_USER is not set: its identity's file in the local
+# stack's state (`<state>/auth/<user>.env`, written by `up`). `--as USER` picks another.
+DEFAULT_IDENTITY = {
+    "chat": DEFAULT_CLIENT,
+    "ui": "ui",
+    "status": ADMIN,
+    "models": ADMIN,
+    "task": ADMIN,
+    "load": ADMIN,
+    "evict": ADMIN,
+    "tick": "tick",
+    "provision": ADMIN,
+}
+
+
+def state_dir() -> Path:
+    from stack.assets import CACHE_DIR
+
+    return Path(os.environ.get("OA_STATE_DIR") or CACHE_DIR / "state")
+
+
+def use_identity(args: argparse.Namespace) -> None:
+    """Take the command's NATS identity from the local stack's auth files, unless the
+    environment (NATS_USER) or the URL (user:password@) names one already."""
+    user = args.identity or DEFAULT_IDENTITY.get(args.cmd)
+    if user is None or "@" in args.nats or (os.environ.get("NATS_USER") and not args.identity):
+        return
+    path = state_dir() / "auth" / f"{user}.env"
+    if not path.exists():
+        if args.identity:
+            raise ConnectionError(
+                f"no credentials for {user!r} at {path}; add a client with "
+                f"`ollama-autoscaler add-client {user}`, or set NATS_USER and NATS_PASSWORD"
+            )
+        return  # a bus without auth, or credentials from elsewhere
+    env = read_env_file(path)
+    os.environ["NATS_USER"], os.environ["NATS_PASSWORD"] = env["NATS_USER"], env["NATS_PASSWORD"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("nats").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        use_identity(args)
         if getattr(args, "sync", False):
             return int(args.fn(args))
         return asyncio.run(args.fn(args))

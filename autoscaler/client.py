@@ -12,8 +12,9 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from events import bus
+from events.auth import DEFAULT_CLIENT
 from events.codec import Event, decode
-from events.types import ChatCancel, ChatRequested, ChatToken
+from events.types import ChatCancel, ChatRequested, ChatToken, subject_for
 
 
 @dataclass
@@ -29,13 +30,25 @@ class ChatResult:
         return "".join(t.text for t in self.tokens if t.attempt == attempt)
 
 
+def client_name(nc: NATS) -> str:
+    """The client segment a connection's chats go under: its user ("client" with no auth)."""
+    return bus.user_of(nc) or DEFAULT_CLIENT
+
+
 class ChatSession:
-    """Subscribe first, then publish, so no token can be missed."""
+    """Subscribe first, then publish, so no token can be missed. The request goes out as
+    `client` (by default the connection's user), and only that client's tokens and ends
+    are read."""
 
     def __init__(
-        self, nc: NATS, request: ChatRequested, on_token: Callable[[ChatToken], None] | None = None
+        self,
+        nc: NATS,
+        request: ChatRequested,
+        on_token: Callable[[ChatToken], None] | None = None,
+        client: str | None = None,
     ) -> None:
         self.nc, self.request, self.on_token = nc, request, on_token
+        self.client = client or client_name(nc)
         self.event = Event("chat.requested", request.model_dump(exclude_none=True))
         self.result = ChatResult(task_id=self.event.id, chat_id=request.chat_id)
         self._end: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
@@ -58,20 +71,23 @@ class ChatSession:
             ):
                 self._end.set_result(ev)
 
+        c, chat_id = self.client, self.request.chat_id
         self._subs = [
-            await self.nc.subscribe(f"ollama.chat.token.{self.request.chat_id}", cb=on_token),
-            await self.nc.subscribe("ollama.chat.completed", cb=on_end),
-            await self.nc.subscribe("ollama.chat.failed", cb=on_end),
+            await self.nc.subscribe(subject_for("chat.token", chat_id, c), cb=on_token),
+            await self.nc.subscribe(subject_for("chat.completed", client=c), cb=on_end),
+            await self.nc.subscribe(subject_for("chat.failed", client=c), cb=on_end),
         ]
         await self.nc.flush()
         self.result.published_at = time.time()
-        await bus.publish(self.nc.jetstream(), self.event)
+        await bus.publish(self.nc.jetstream(), self.event, client=c)
         return self
 
     async def cancel(self) -> None:
         """Publish `chat.cancel` for this request: it ends with `chat.failed` `cancelled`."""
         data = ChatCancel(chat_id=self.request.chat_id, task_id=self.result.task_id)
-        await bus.publish(self.nc.jetstream(), Event("chat.cancel", data.model_dump()))
+        await bus.publish(
+            self.nc.jetstream(), Event("chat.cancel", data.model_dump()), client=self.client
+        )
 
     @property
     def done(self) -> bool:

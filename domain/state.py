@@ -68,6 +68,19 @@ class NodeRecord(BaseModel):
         return free
 
 
+class Registration(BaseModel):
+    """Where a node's runtime is, as its own agent registered it (key `reg.<node_id>`,
+    writable only by that node's identity). The functions call a runtime only at the URL
+    of its registration, never at a URL a node record merely says."""
+
+    node_id: str
+    runtime: Literal["llamacpp", "ollama", "stub"]
+    url: str
+    runtime_log: str | None = None
+    models_dir: str | None = None
+    registered_at: float = 0.0
+
+
 def decayed_rate(slot: Slot, now: float) -> float:
     if slot.rate <= 0.0:
         return 0.0

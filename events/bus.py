@@ -1,8 +1,9 @@
 """The NATS edge: connect, provision streams/consumers/KV idempotently, publish events.
 
 Streams (all subjects start with `ollama.`):
-  OLLAMA_EVENTS  ollama.chat.* ollama.model.> ollama.fleet.>   work and outcome events
-  OLLAMA_TOKENS  ollama.chat.token.>                            short max-age, for replay
+  OLLAMA_EVENTS  ollama.chat.{requested,cancel,completed,failed}.<client>
+                 ollama.model.> ollama.fleet.>                  work and outcome events
+  OLLAMA_TOKENS  ollama.chat.token.<client>.<chat_id>           short max-age, for replay
   OLLAMA_DLQ     ollama.deadletter.>                            rejected events, with reasons
   OLLAMA_WAITING ollama.waiting.p<rank>.<model>                 parked chat requests (the queue)
 KV buckets: fleet (node records), models (catalog), tasks (task records + queue entries).
@@ -14,8 +15,8 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit
 
 import nats
 from nats.aio.client import Client as NATS
@@ -38,7 +39,14 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from .codec import MAX_EVENT_BYTES, Event, to_binary
-from .types import DEAD_LETTER_PREFIX, subject_for
+from .types import (
+    CLIENT_EXTENSION,
+    DEAD_LETTER_PREFIX,
+    DEFAULT_CLIENT,
+    PER_CLIENT,
+    subject_filter,
+    subject_for,
+)
 
 log = logging.getLogger("events.bus")
 
@@ -54,6 +62,7 @@ BRIDGE_CONSUMER = "bridge"
 BRIDGED_TYPES = ("chat.requested", "chat.cancel", "model.load", "model.evict", "model.pull")
 Delivery = Literal["pull", "knative"]
 FLEET_BUCKET, MODELS_BUCKET, TASKS_BUCKET = "fleet", "models", "tasks"
+CHAT_EVENT_TYPES = ("chat.requested", "chat.cancel", "chat.completed", "chat.failed")
 
 
 @dataclass(frozen=True)
@@ -97,36 +106,91 @@ LIMITS: dict[str, int] = {
 }
 
 
-async def connect(url: str = DEFAULT_NATS_URL, name: str = "ollama-autoscaler") -> NATS:
+def identity_from_env() -> tuple[str | None, str | None]:
+    """NATS_USER / NATS_PASSWORD (as the nats CLI reads them); NATS_PASSWORD_FILE for a
+    mounted secret."""
+    password = os.environ.get("NATS_PASSWORD")
+    if password is None and (path := os.environ.get("NATS_PASSWORD_FILE")):
+        with open(path) as fh:
+            password = fh.read().strip()
+    return os.environ.get("NATS_USER") or None, password
+
+
+async def connect(
+    url: str = DEFAULT_NATS_URL,
+    name: str = "ollama-autoscaler",
+    user: str | None = None,
+    password: str | None = None,
+) -> NATS:
     """Connect, with one clear message when nothing listens at `url`.
 
-    Once connected, the client reconnects forever (a restarted nats-server is survived); the
-    first connection is checked up front so a wrong URL fails fast instead of retrying.
+    The identity is `user`/`password`, else the URL's `user:password@`, else NATS_USER /
+    NATS_PASSWORD. Replies come on the identity's own inbox prefix (`_INBOX_<user>`), the
+    only inbox its permissions let it read. Once connected, the client reconnects forever
+    (a restarted nats-server is survived); the first connection is checked up front so a
+    wrong URL fails fast instead of retrying.
     """
     parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if user is None and parts.username:
+        user, password = unquote(parts.username), unquote(parts.password or "")
+    if user is None:
+        user, password = identity_from_env()
+    host, port = parts.hostname or "127.0.0.1", parts.port or 4222
+    plain_url = f"{parts.scheme}://{host}:{port}"
     hint = "is the stack running? start it with `make run`, or pass --nats URL"
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), 3
-        )
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
         writer.close()
     except (OSError, TimeoutError) as exc:
-        raise ConnectionError(f"cannot reach NATS at {url} ({exc}); {hint}") from exc
+        raise ConnectionError(f"cannot reach NATS at {plain_url} ({exc}); {hint}") from exc
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
+        log.warning("nats (%s): %s", user or "no user", exc)
 
+    options: dict[str, Any] = {}
+    if user:
+        options = {"user": user, "password": password or "", "inbox_prefix": f"_INBOX_{user}"}
     try:
-        return await nats.connect(
-            url,
+        nc = await nats.connect(
+            plain_url,
             name=name,
             connect_timeout=3,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             error_cb=on_error,
+            allow_reconnect=True,
+            **options,
         )
     except Exception as exc:  # nats raises several unrelated types for "no server"
-        raise ConnectionError(f"cannot connect to NATS at {url} ({exc!r}); {hint}") from exc
+        if "authorization" in str(exc).lower():
+            who = f"user {user!r}" if user else "a client with no user"
+            raise ConnectionError(
+                f"NATS at {plain_url} refused {who} ({exc}): set NATS_USER and NATS_PASSWORD "
+                "(the local stack writes them to <state>/auth/<user>.env), or pass "
+                "nats://USER:PASSWORD@HOST:PORT"
+            ) from exc
+        raise ConnectionError(f"cannot connect to NATS at {plain_url} ({exc!r}); {hint}") from exc
+    return nc
+
+
+def with_identity(url: str, user: str, password: str) -> str:
+    """`url` carrying `user:password@` (what a component is given as its NATS URL)."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
+    return f"{parts.scheme}://{netloc}"
+
+
+def redact(url: str) -> str:
+    """`url` without its password (for logs and error messages)."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.password is None:
+        return url
+    return f"{parts.scheme}://{parts.username}:***@{parts.hostname}:{parts.port}"
+
+
+def user_of(nc: NATS) -> str:
+    """The user a connection authenticated as ("" with no auth)."""
+    return str(nc.options.get("user") or "")
 
 
 async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
@@ -155,7 +219,11 @@ async def provision(
     streams = (
         StreamConfig(
             name=EVENTS_STREAM,
-            subjects=["ollama.chat.*", "ollama.model.>", "ollama.fleet.>"],
+            subjects=[
+                *(subject_filter(t) for t in CHAT_EVENT_TYPES),
+                "ollama.model.>",
+                "ollama.fleet.>",
+            ],
             storage=StorageType.FILE,
             max_age=7 * 86400,
             # Requests not yet handled are never thrown away: a full stream refuses new ones
@@ -168,7 +236,7 @@ async def provision(
         ),
         StreamConfig(
             name=TOKENS_STREAM,
-            subjects=["ollama.chat.token.>"],
+            subjects=[subject_filter("chat.token")],
             storage=StorageType.FILE,
             max_age=600,
             max_bytes=LIMITS["tokens"],  # tokens are ephemeral: the oldest go first
@@ -240,7 +308,7 @@ def _consumers(delivery: Delivery, ack_wait_s: float | None) -> list[ConsumerCon
         return [
             ConsumerConfig(
                 durable_name=BRIDGE_CONSUMER,
-                filter_subjects=[subject_for(t) for t in BRIDGED_TYPES],
+                filter_subjects=[subject_filter(t) for t in BRIDGED_TYPES],
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
                 ack_wait=ack_wait_s or 30.0,
@@ -251,7 +319,7 @@ def _consumers(delivery: Delivery, ack_wait_s: float | None) -> list[ConsumerCon
     return [
         ConsumerConfig(
             durable_name=spec.name,
-            filter_subject=subject_for(spec.event_type),
+            filter_subject=subject_filter(spec.event_type),
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait_s or spec.ack_wait_s,
@@ -263,21 +331,43 @@ def _consumers(delivery: Delivery, ack_wait_s: float | None) -> list[ConsumerCon
 
 
 async def publish(
-    js: JetStreamContext, event: Event, chat_id: str | None = None, msg_id: str | None = None
+    js: JetStreamContext,
+    event: Event,
+    chat_id: str | None = None,
+    msg_id: str | None = None,
+    client: str | None = None,
 ) -> None:
-    """Publish in binary mode to the event's subject; the event id dedups re-publishes."""
+    """Publish in binary mode to the event's subject; the event id dedups re-publishes.
+    A chat's event goes under its client's name: `client`, else the event's `oaclient`,
+    else the publisher's own (its NATS user; `client` on a bus without auth)."""
     headers, body = to_binary(event)
     headers["Nats-Msg-Id"] = msg_id or event.id
-    await js.publish(subject_for(event.type, chat_id), body, headers=headers)
+    await js.publish(_subject(js._nc, event, chat_id, client), body, headers=headers)
 
 
-async def publish_fast(nc: NATS, event: Event, chat_id: str | None = None) -> None:
+def _subject(nc: NATS, event: Event, chat_id: str | None, client: str | None) -> str:
+    if event.type in PER_CLIENT:
+        client = client or event.extensions.get(CLIENT_EXTENSION) or user_of(nc) or DEFAULT_CLIENT
+    return subject_for(event.type, chat_id, client)
+
+
+async def publish_fast(
+    nc: NATS, event: Event, chat_id: str | None = None, client: str | None = None
+) -> None:
     """Fire-and-forget publish (no JetStream ack wait): used for tokens on the hot path.
 
     The OLLAMA_TOKENS stream still captures them for late subscribers.
     """
     headers, body = to_binary(event)
-    await nc.publish(subject_for(event.type, chat_id), body, headers=headers)
+    await nc.publish(_subject(nc, event, chat_id, client), body, headers=headers)
+
+
+def bucket(js: JetStreamContext, name: str) -> KeyValue:
+    """A handle on a provisioned KV bucket, made without asking the server (`js.key_value`
+    reads the stream's info first, which not every identity may: a client reads only the
+    catalog). Reads go through the stream's leader (the buckets are made without direct
+    get)."""
+    return KeyValue(name=name, stream=f"KV_{name}", pre=f"$KV.{name}.", js=js, direct=False)
 
 
 async def keys_matching(js: JetStreamContext, bucket: str, pattern: str) -> list[str]:

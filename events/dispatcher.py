@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -25,7 +26,7 @@ from nats.js import JetStreamContext
 from .bus import EVENTS_STREAM, ConsumerSpec
 from .codec import CodecError, Event, decode, to_http_binary
 from .outcome import Done, Outcome, Reject, Retry, from_http
-from .types import DEAD_LETTER_PREFIX, DeadLetter
+from .types import CLIENT_EXTENSION, DEAD_LETTER_PREFIX, PER_CLIENT, DeadLetter, client_of
 
 log = logging.getLogger("events.dispatcher")
 
@@ -66,6 +67,22 @@ def over_http(url: str, timeout_s: float = 900.0) -> Deliver:
         return from_http(resp.status_code, dict(resp.headers), resp.text)
 
     return deliver
+
+
+def with_client(event: Event, subject: str) -> Event:
+    """The event with its `oaclient` taken from the subject it came on (which the server's
+    permissions vouch for), whatever the event said of itself. ValueError for a chat event
+    on a subject with no valid client segment."""
+    client = client_of(subject)
+    if client is None and event.type in PER_CLIENT:
+        raise ValueError(
+            f"{event.type} on {subject!r}: a chat event's subject ends with its client's name "
+            "(a-z 0-9 _ -)"
+        )
+    ext = {k: v for k, v in event.extensions.items() if k != CLIENT_EXTENSION}
+    if client is not None:
+        ext[CLIENT_EXTENSION] = client
+    return dataclasses.replace(event, extensions=ext)
 
 
 MAX_DEAD_BODY_BYTES = 64 * 1024  # a dead-letter record keeps at most this much of the body
@@ -171,6 +188,10 @@ class Dispatcher:
             return Reject(
                 f"consumer {self.spec.name} takes {self.spec.event_type!r}, got {event.type!r}"
             ), event
+        try:
+            event = with_client(event, msg.subject)
+        except ValueError as exc:
+            return Reject(str(exc)), event
         keeper = asyncio.create_task(self._keep_alive(msg))
         try:
             return await self.deliver(event, attempt), event

@@ -46,5 +46,10 @@ def node_key(node_id: str) -> str:
     return f"node.{check_node_id(node_id)}"
 
 
+def reg_key(node_id: str) -> str:
+    """A node's registration (written only by its own agent)."""
+    return f"reg.{check_node_id(node_id)}"
+
+
 def model_key(model: str) -> str:
     return f"model.{encode_name(model)}"

@@ -1,7 +1,12 @@
 """CloudEvent types of the system: the contract between functions, clients and the UI.
 
 Every type name maps to one pydantic model for its `data` and to one NATS subject,
-`ollama.<type>` (tokens add the chat id: `ollama.chat.token.<chat_id>`).
+`ollama.<type>`. A chat's events also carry the bus identity of the client that asked (its
+*client* segment), so that NATS permissions can give each client its own chats and nothing
+else: `ollama.chat.requested.<client>`, `ollama.chat.cancel.<client>`,
+`ollama.chat.token.<client>.<chat_id>`, `ollama.chat.completed.<client>`,
+`ollama.chat.failed.<client>`. The segment is set by the server's permissions (a client may
+publish only under its own name), never by what an event says of itself.
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ EVENT_SOURCE = "ollama-autoscaler"
 # Anything else (spaces, control characters, `..`, NATS wildcards) is refused at the edge.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,199}$")
 CHAT_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+# A client's name: its NATS user and its subject segment (no dots, no wildcards).
+CLIENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DEFAULT_CLIENT = "client"  # the local stack's client identity (and the name with no auth)
+CLIENT_EXTENSION = "oaclient"  # set by the dispatcher from the subject, never by the client
+PER_CLIENT = frozenset(
+    {"chat.requested", "chat.cancel", "chat.token", "chat.completed", "chat.failed"}
+)
 MAX_MESSAGES = 512
 MAX_PROMPT_CHARS = 200_000
 
@@ -221,12 +233,44 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
 }
 
 
-def subject_for(event_type: str, chat_id: str | None = None) -> str:
-    """The NATS subject an event of this type is published on."""
+def check_client(client: str) -> str:
+    if not CLIENT_RE.match(client):
+        raise ValueError(
+            f"invalid client name {client!r}: use 1-64 of a-z 0-9 _ - (start with a-z or 0-9)"
+        )
+    return client
+
+
+def subject_for(event_type: str, chat_id: str | None = None, client: str | None = None) -> str:
+    """The NATS subject an event of this type is published on. A chat's events need the
+    client's name (and tokens the chat id)."""
     if event_type not in EVENT_DATA:
         raise ValueError(f"unknown event type {event_type!r}; known: {sorted(EVENT_DATA)}")
+    if event_type not in PER_CLIENT:
+        return f"{SUBJECT_PREFIX}.{event_type}"
+    if client is None:
+        raise ValueError(f"{event_type} events need the client's name for their subject")
+    check_client(client)
     if event_type == "chat.token":
         if chat_id is None:
             raise ValueError("chat.token events need a chat_id for their subject")
-        return f"{SUBJECT_PREFIX}.chat.token.{chat_id}"
-    return f"{SUBJECT_PREFIX}.{event_type}"
+        return f"{SUBJECT_PREFIX}.chat.token.{client}.{chat_id}"
+    return f"{SUBJECT_PREFIX}.{event_type}.{client}"
+
+
+def subject_filter(event_type: str) -> str:
+    """The subjects of every event of this type, whoever's: a consumer's filter."""
+    if event_type == "chat.token":
+        return f"{SUBJECT_PREFIX}.chat.token.*.*"
+    if event_type in PER_CLIENT:
+        return f"{SUBJECT_PREFIX}.{event_type}.*"
+    return subject_for(event_type)
+
+
+def client_of(subject: str) -> str | None:
+    """The client segment of a chat event's subject (None for other subjects)."""
+    parts = subject.split(".")
+    if len(parts) >= 4 and parts[0] == SUBJECT_PREFIX and parts[1] == "chat":
+        if f"chat.{parts[2]}" in PER_CLIENT and CLIENT_RE.match(parts[3]):
+            return parts[3]
+    return None

@@ -1,7 +1,8 @@
 """The cancel function: `chat.cancel` -> the chat ends once, with `chat.failed` code `cancelled`.
 
-A running chat hears the cancel itself (every process that runs chats listens on
-`ollama.chat.cancel`) and stops within a second. This function does what needs the task's
+A client may cancel only its own chats: the task's client must be the one whose subject the
+cancel came on. A running chat hears the cancel itself (every process that runs chats listens
+on `ollama.chat.cancel.*`) and stops within a second. This function does what needs the task's
 record: a parked request is taken out of the queue and ended here; for one that is running,
 `cancel_requested` is written on its task, so a run that missed the broadcast sees it at its
 next write, and a redelivery never starts it again.
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 
 from events.codec import Event
 from events.outcome import Done, Outcome, Reject, Retry
-from events.types import ChatCancel
+from events.types import CLIENT_EXTENSION, ChatCancel
 from stores.tasks import TERMINAL, Conflict
 
 from .chat import Run, _fail
@@ -30,7 +31,14 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         req = ChatCancel.model_validate(event.data)
     except ValidationError as exc:
         return Reject(f"invalid chat.cancel data: {exc.errors(include_url=False)}")
-    found = [t for t in await svc.tasks.find(req.task_id) if t.chat_id == req.chat_id]
+    client = event.extensions.get(CLIENT_EXTENSION)
+    if not client:
+        return Reject("chat.cancel without its client: publish it on ollama.chat.cancel.<client>")
+    found = [
+        t
+        for t in await svc.tasks.find(req.task_id)
+        if t.chat_id == req.chat_id and t.client == client
+    ]
     if not found:
         return Done(f"no task {req.task_id} in chat {req.chat_id}")
     for rec in found:

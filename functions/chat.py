@@ -32,6 +32,7 @@ from events.codec import Event
 from events.outcome import Done, Outcome, Reject, Retry
 from events.types import (
     CHAT_ID_RE,
+    CLIENT_EXTENSION,
     ChatCompleted,
     ChatFailed,
     ChatRequested,
@@ -100,7 +101,12 @@ async def _end(run: Run, event_type: str, data: dict[str, Any], **changes: Any) 
     await run.save(end={"type": event_type, "data": data}, owner=None, **changes)
     if run.rec.waiter_seq is not None:
         await run.svc.waiting.remove(run.rec.waiter_seq)
-    await bus.publish(run.svc.js, Event(event_type, data), msg_id=_end_msg_id(run.rec.task_id))
+    await bus.publish(
+        run.svc.js,
+        Event(event_type, data),
+        msg_id=_end_msg_id(run.rec.task_id),
+        client=run.rec.client,
+    )
 
 
 async def _fail(run: Run, code: str, message: str, text: str = "") -> None:
@@ -127,7 +133,9 @@ async def resend_end(svc: Services, rec: TaskRecord, same_message: bool) -> None
     the id gets a fresh one, so its sender hears the answer."""
     assert rec.end is not None
     msg_id = _end_msg_id(rec.task_id) if same_message else f"{rec.task_id}.end.{uuid.uuid4().hex}"
-    await bus.publish(svc.js, Event(rec.end["type"], rec.end["data"]), msg_id=msg_id)
+    await bus.publish(
+        svc.js, Event(rec.end["type"], rec.end["data"]), msg_id=msg_id, client=rec.client
+    )
 
 
 async def give_up(svc: Services, event: Event, reason: str) -> None:
@@ -135,13 +143,17 @@ async def give_up(svc: Services, event: Event, reason: str) -> None:
     got = await svc.tasks.get(event.source, event.id)
     if got is None or got.record.state in TERMINAL:
         return
+    if got.record.client != event.extensions.get(CLIENT_EXTENSION):
+        return  # another client's task (a reused id): not this request's to end
     run = Run(svc, got.record, got.revision, got.record.owner or "dispatcher")
     with contextlib.suppress(Lost):
         await _fail(run, "gave_up", reason)
 
 
 # -- admit ----------------------------------------------------------------------------------------
-async def _reject_invalid(svc: Services, event: Event, exc: ValidationError) -> Outcome:
+async def _reject_invalid(
+    svc: Services, event: Event, client: str, exc: ValidationError
+) -> Outcome:
     reason = f"invalid chat.requested data: {exc.errors(include_url=False)}"
     chat_id = event.data.get("chat_id") if isinstance(event.data, dict) else None
     if isinstance(chat_id, str) and CHAT_ID_RE.match(chat_id):
@@ -149,6 +161,7 @@ async def _reject_invalid(svc: Services, event: Event, exc: ValidationError) -> 
         rec = TaskRecord(
             task_id=event.id,
             source=event.source,
+            client=client,
             chat_id=chat_id,
             model="?",
             state="placing",
@@ -160,7 +173,26 @@ async def _reject_invalid(svc: Services, event: Event, exc: ValidationError) -> 
     return Reject(reason)
 
 
-async def _claim(svc: Services, event: Event, req: ChatRequested, attempt: int) -> Run | Outcome:
+async def _refuse_reused_id(
+    svc: Services, event: Event, client: str, req: ChatRequested
+) -> Outcome:
+    """Another client's request has this identity (source + id): tell this client, leave
+    that task alone (its answer is never sent to anyone else)."""
+    reason = f"request id {event.id!r} from source {event.source!r} is taken; use a fresh id"
+    data = ChatFailed(
+        chat_id=req.chat_id,
+        task_id=event.id,
+        error=ErrorInfo(code="duplicate_id", message=reason),
+    ).model_dump()
+    await bus.publish(
+        svc.js, Event("chat.failed", data), msg_id=f"{event.id}.dup.{client}", client=client
+    )
+    return Reject(reason)
+
+
+async def _claim(
+    svc: Services, event: Event, client: str, req: ChatRequested, attempt: int
+) -> Run | Outcome:
     """Own the task for this run, or say what to do instead."""
     run_id = uuid.uuid4().hex[:12]
     woken = WAKE_EXTENSION in event.extensions
@@ -176,6 +208,7 @@ async def _claim(svc: Services, event: Event, req: ChatRequested, attempt: int) 
             rec = TaskRecord(
                 task_id=event.id,
                 source=event.source,
+                client=client,
                 chat_id=req.chat_id,
                 model=req.model,
                 state="placing",
@@ -190,6 +223,8 @@ async def _claim(svc: Services, event: Event, req: ChatRequested, attempt: int) 
             except Conflict:
                 continue
         rec = got.record
+        if rec.client != client:
+            return await _refuse_reused_id(svc, event, client, req)
         if rec.state in TERMINAL:
             # A first wake of an ended task is stale; a wake seen again (attempt > 1) may be
             # the one whose run stored the end but failed to publish it: re-send it.
@@ -259,10 +294,10 @@ async def warm_for_parked(svc: Services, model: str) -> int:
     for record, _ in await svc.fleet.nodes():
         if model in record.models or (record.available and model not in record.available):
             continue
-        warm = getattr(svc.runtime_of(record), "prefetch", None)
-        if warm is None:
-            continue
         try:
+            warm = getattr(await svc.runtime_of(record), "prefetch", None)
+            if warm is None:
+                continue
             started += bool(await warm(model))
         except Exception as exc:  # a hint, never a reason to fail the request
             log.warning("prefetch of %s on %s failed: %s", model, record.node_id, exc)
@@ -391,12 +426,18 @@ async def _release(
 
 # -- the handler ----------------------------------------------------------------------------------
 async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
+    client = event.extensions.get(CLIENT_EXTENSION)
+    if not client:
+        return Reject(
+            "chat.requested without its client: it must come on ollama.chat.requested.<client> "
+            "(the dispatcher names the client from the subject)"
+        )
     try:
         req = ChatRequested.model_validate(event.data)
     except ValidationError as exc:
-        return await _reject_invalid(svc, event, exc)
+        return await _reject_invalid(svc, event, client, exc)
     claimed, info = await asyncio.gather(
-        _claim(svc, event, req, attempt), svc.catalog.get(req.model)
+        _claim(svc, event, client, req, attempt), svc.catalog.get(req.model)
     )
     if not isinstance(claimed, Run):
         return claimed
@@ -405,7 +446,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         await _fail(run, "cancelled", "cancelled before it started")
         return Done("cancelled")
     await svc.listen_for_cancels()
-    svc.cancels[run.rec.task_id] = run.cancelled
+    svc.cancels[(client, run.rec.task_id)] = run.cancelled
     serving = asyncio.create_task(_serve(run, event, req, info))
     stopping = asyncio.create_task(run.cancelled.wait())
     try:
@@ -441,7 +482,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         raise
     finally:
         stopping.cancel()
-        svc.cancels.pop(run.rec.task_id, None)
+        svc.cancels.pop((client, run.rec.task_id), None)
 
 
 def _out_of_bounds(svc: Services, req: ChatRequested, info: Any) -> str | None:
@@ -543,7 +584,7 @@ async def _stream(
     running_saved = asyncio.create_task(
         run.save(state="running", node=node_id, runs=runs, waiter_seq=None)
     )
-    runtime = svc.runtime_of(record)
+    runtime = await svc.runtime_of(record)
     messages = [m.model_dump() for m in req.messages]
     pieces = run.pieces
     pieces.clear()
@@ -557,7 +598,10 @@ async def _stream(
                 chat_id=req.chat_id, task_id=task_id, seq=len(pieces), text=text, attempt=runs
             )
             await bus.publish_fast(
-                svc.nc, Event("chat.token", token.model_dump()), chat_id=req.chat_id
+                svc.nc,
+                Event("chat.token", token.model_dump()),
+                chat_id=req.chat_id,
+                client=run.rec.client,
             )
             pieces.append(text)
     except RuntimeFailure as exc:

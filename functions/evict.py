@@ -81,7 +81,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
                 )
             except TransitionError as exc:
                 return Reject(f"cannot evict: {exc}")
-        runtime = svc.runtime_of(record)
+        runtime = await svc.runtime_of(record)
         t0 = time.perf_counter()
         try:
             await runtime.unload(req.model, svc.settings.unload_timeout_s)

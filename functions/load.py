@@ -82,7 +82,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     def no_evictions(r: NodeRecord) -> bool:
         return not any(s.state == "evicting" for s in r.models.values())
 
-    runtime = svc.runtime_of(record)
+    runtime = await svc.runtime_of(record)
     if not no_evictions(record):
         # The load waits for its evictions: warm its file meanwhile (llama.cpp nodes).
         warm = getattr(runtime, "prefetch", None)

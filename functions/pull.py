@@ -120,7 +120,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         await bus.publish(svc.js, Event("model.pull.progress", data.model_dump()))
         await _save(svc, key, rec)
 
-    runtime = svc.runtime_of(node)
+    runtime = await svc.runtime_of(node)
     try:
         result = await runtime.pull(req.model, req.url, req.sha256, progress)
     except RuntimeFailure as exc:

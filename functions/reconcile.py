@@ -56,7 +56,7 @@ async def reconcile_node(svc: Services, record: NodeRecord, now: float) -> list[
         record = await svc.fleet.update(node_id, lambda r: state.expire_leases(r, now))
         actions.append("expired stale leases")
     try:
-        loaded = await svc.runtime_of(record).loaded()
+        loaded = await (await svc.runtime_of(record)).loaded()
     except Exception as exc:  # an unreachable runtime is reported, not fatal
         log.warning("reconcile: runtime of %s unreachable: %s", node_id, exc)
         loaded = None

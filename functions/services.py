@@ -17,10 +17,10 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.planner import Policy
-from domain.state import NodeRecord
+from domain.state import NodeRecord, Registration
 from events import bus
 from events.codec import CodecError, decode
-from events.types import subject_for
+from events.types import client_of, subject_filter
 from runtimes import Runtime, make_runtime
 from stores.catalog import Catalog
 from stores.fleet import Fleet
@@ -28,6 +28,10 @@ from stores.tasks import Tasks
 from stores.waiting import Waiting
 
 log = logging.getLogger("functions")
+
+
+class Unregistered(RuntimeError):
+    """A node record whose node never registered itself: its runtime is not called."""
 
 
 class Settings(BaseSettings):
@@ -64,8 +68,9 @@ class Services:
     catalog: Catalog
     waiting: Waiting
     runtimes: dict[tuple[str, str], Runtime] = field(default_factory=dict)
-    # Runs in this process, by task id: set when a chat.cancel for them is heard.
-    cancels: dict[str, asyncio.Event] = field(default_factory=dict)
+    registrations: dict[str, Registration] = field(default_factory=dict)  # by node id
+    # Runs in this process, by (client, task id): set when that client's chat.cancel is heard.
+    cancels: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     _cancel_sub: Any = None
 
     async def listen_for_cancels(self) -> None:
@@ -75,15 +80,16 @@ class Services:
             return
 
         async def heard(msg: Any) -> None:
+            client = client_of(msg.subject)
             try:
                 data = decode(msg.headers, msg.data).data
                 task_id = data.get("task_id") if isinstance(data, dict) else None
             except CodecError:
                 return
-            if isinstance(task_id, str) and task_id in self.cancels:
-                self.cancels[task_id].set()
+            if client and isinstance(task_id, str) and (client, task_id) in self.cancels:
+                self.cancels[(client, task_id)].set()
 
-        self._cancel_sub = await self.nc.subscribe(subject_for("chat.cancel"), cb=heard)
+        self._cancel_sub = await self.nc.subscribe(subject_filter("chat.cancel"), cb=heard)
 
     def runtime(
         self, kind: str, url: str, log_path: str | None = None, models_dir: str | None = None
@@ -93,9 +99,28 @@ class Services:
             self.runtimes[key] = make_runtime(kind, url, log_path, models_dir)
         return self.runtimes[key]
 
-    def runtime_of(self, record: NodeRecord) -> Runtime:
-        """The adapter for a node's runtime."""
-        return self.runtime(record.runtime, record.url, record.runtime_log, record.models_dir)
+    async def runtime_of(self, record: NodeRecord) -> Runtime:
+        """The adapter for a node's runtime, at the URL of the node's own registration: a
+        node record is written by several identities, a registration only by the node's, so
+        a URL (or log path, or models folder) that only the record names is never used.
+        Registrations are kept per node while the record agrees with them (no extra read
+        on the chat path); a record that disagrees makes us read the registration again."""
+        reg = self.registrations.get(record.node_id)
+        if reg is None or (reg.url, reg.runtime) != (record.url, record.runtime):
+            reg = await self.fleet.registration(record.node_id)
+            if reg is None:
+                raise Unregistered(f"node {record.node_id} has no registration of its own")
+            self.registrations[record.node_id] = reg
+            if (reg.url, reg.runtime) != (record.url, record.runtime):
+                log.warning(
+                    "node %s: record says %s %s, its registration %s %s; using the registration",
+                    record.node_id,
+                    record.runtime,
+                    record.url,
+                    reg.runtime,
+                    reg.url,
+                )
+        return self.runtime(reg.runtime, reg.url, reg.runtime_log, reg.models_dir)
 
     async def close(self) -> None:
         for rt in self.runtimes.values():
@@ -127,9 +152,9 @@ async def open_services(
         settings,
         nc,
         js,
-        Fleet(await js.key_value(bus.FLEET_BUCKET), js),
-        Tasks(await js.key_value(bus.TASKS_BUCKET), js),
-        Catalog(await js.key_value(bus.MODELS_BUCKET), js),
+        Fleet(bus.bucket(js, bus.FLEET_BUCKET), js),
+        Tasks(bus.bucket(js, bus.TASKS_BUCKET), js),
+        Catalog(bus.bucket(js, bus.MODELS_BUCKET), js),
         Waiting(js),
     )
 

@@ -35,6 +35,16 @@ from pydantic import ByteSize, TypeAdapter, ValidationError
 from agent.gpu import GpuProbe, NoGpu, Nvml
 from agent.node import NodeAgent, nvml_probe, process_tree_probe
 from events import bus
+from events.auth import (
+    ADMIN,
+    DEFAULT_CLIENT,
+    Credentials,
+    agent_user,
+    ensure_credentials,
+    stack_users,
+    write_env_files,
+    write_server_config,
+)
 from events.codec import Event
 from events.dispatcher import Dispatcher
 from functions.entry import dispatcher
@@ -144,6 +154,10 @@ class StackConfig:
     # What reads GPU memory (an `agent.gpu.Nvml`); None: NVML if it answers. Benchmarks pass
     # a stand-in to exercise the GPU path on a CPU.
     gpu_reader: Any = None
+    # NATS with one least-privilege identity per component (events/auth.py) and these
+    # clients; False runs the bus open (only for comparing against it: bench-overhead).
+    auth: bool = True
+    clients: tuple[str, ...] = (DEFAULT_CLIENT,)
 
 
 @dataclass
@@ -228,6 +242,36 @@ class LocalStack:
         self._logs: list[IO[bytes]] = []
         self.agents: dict[str, NodeAgent] = {}
         self.pids_file = cfg.state_dir / "pids.json"
+        self.auth_dir = cfg.state_dir / "auth"
+        self.creds: Credentials | None = None
+        self.services: list[Services] = []  # the components' own connections
+
+    def node_ids(self) -> list[str]:
+        return [f"node-{i}" for i in range(self.cfg.nodes)] + [
+            f"ollama-{i}" for i in range(len(self.cfg.ollama_urls))
+        ]
+
+    def url_for(self, user: str) -> str:
+        """The NATS URL `user` connects with (its password in it; the bus without auth)."""
+        if self.creds is None:
+            return self.nats_url
+        return bus.with_identity(self.nats_url, user, self.creds.passwords[user])
+
+    @property
+    def admin_url(self) -> str:
+        return self.url_for(ADMIN)
+
+    def env_for(self, user: str) -> dict[str, str]:
+        if self.creds is None:
+            return {"NATS_URL": self.nats_url}
+        return self.creds.env(user, self.nats_url)
+
+    async def services_as(self, user: str) -> Services:
+        """Services on a connection of `user`'s own (closed when the stack stops)."""
+        nc = await bus.connect(self.url_for(user), name=f"ollama-autoscaler-{user}")
+        svc = await open_services(self.cfg.settings.but(nats_url=self.nats_url), nc=nc)
+        self.services.append(svc)
+        return svc
 
     # -- processes ---------------------------------------------------------------------------
     def _popen(
@@ -361,18 +405,28 @@ class LocalStack:
         if self.cfg.fresh:
             shutil.rmtree(jsdir, ignore_errors=True)
         self._check_port(self.cfg.nats_port, "nats")
+        argv = [
+            _bin("nats-server"),
+            "-js",
+            "-sd",
+            str(jsdir),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.cfg.nats_port),
+        ]
+        if self.cfg.auth:
+            # Passwords are made once and kept (auth/credentials.json, 0600), so clients keep
+            # working across restarts; `<user>.env` files are what a client sources.
+            self.creds = ensure_credentials(
+                self.auth_dir, stack_users(self.node_ids(), self.cfg.clients)
+            )
+            conf = write_server_config(self.auth_dir, self.creds)
+            write_env_files(self.auth_dir, self.creds, self.nats_url)
+            argv += ["-c", str(conf)]
         proc = self._spawn(
             "nats-server",
-            [
-                _bin("nats-server"),
-                "-js",
-                "-sd",
-                str(jsdir),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.cfg.nats_port),
-            ],
+            argv,
             self.nats_url,
             ready=lambda p: self._wait_tcp(p, self.cfg.nats_port),
         )
@@ -456,7 +510,6 @@ class LocalStack:
     async def start_functions(self) -> dict[str, str]:
         urls: dict[str, str] = {}
         env = {
-            "NATS_URL": self.nats_url,
             "OA_POLICY": self.cfg.settings.policy,
             "OA_KEEP_ALIVE_S": str(self.cfg.settings.keep_alive_s),
             "OA_LOAD_TIMEOUT_S": str(self.cfg.settings.load_timeout_s),
@@ -484,7 +537,7 @@ class LocalStack:
                     str(port),
                 ],
                 url,
-                env,
+                {**env, **self.env_for(name)},  # each function under its own identity
                 ready=lambda p, u=url: self._wait_http(p, u),
             )
             started.append(proc)
@@ -525,8 +578,13 @@ class LocalStack:
 
     async def start_control_plane(self, fn_urls: dict[str, str] | None) -> None:
         settings = self.cfg.settings.but(nats_url=self.nats_url)
+        # The stack's own connection is the operator's: it provisions and fills the catalog.
         self.svc = svc = await open_services(
-            settings, provision=True, ack_wait_s=self.cfg.ack_wait_s, reconfigure=True
+            settings,
+            provision=True,
+            ack_wait_s=self.cfg.ack_wait_s,
+            reconfigure=True,
+            nc=await bus.connect(self.admin_url, name="ollama-autoscaler-up"),
         )
         await self.register_catalog(svc.catalog)
         for node_id, url in self.runtime_urls.items():
@@ -549,26 +607,30 @@ class LocalStack:
                     else None
                 )
             )
+            node_svc = await self.services_as(agent_user(node_id)) if self.creds else svc
             agent = NodeAgent(
-                svc.fleet,
+                node_svc.fleet,
                 node_id,
                 runtime,
                 self.cfg.node_memory,
                 probe,
                 runtime_log=str(proc.log_path) if proc else None,
-                waiting=svc.waiting,
+                waiting=node_svc.waiting,
                 models_dir=models_dir,
                 gpu=gpu,
-                catalog=svc.catalog if gpu else None,
+                catalog=node_svc.catalog if gpu else None,
             )
             self.agents[node_id] = agent
             await agent.register()
             self.tasks.append(asyncio.create_task(agent.run(self.stop_event)))
         for name in self.cfg.functions:
-            d = dispatcher(svc, name, fn_urls[name] if fn_urls is not None else None)
+            # Each dispatcher (and, in process, its handler) under its function's identity.
+            fn_svc = await self.services_as(name) if self.creds else svc
+            d = dispatcher(fn_svc, name, fn_urls[name] if fn_urls is not None else None)
             self.dispatchers.append(d)
             self.tasks.append(asyncio.create_task(d.run(self.stop_event)))
-        self.tasks.append(asyncio.create_task(self._ticker(svc)))
+        tick_svc = await self.services_as("tick") if self.creds else svc
+        self.tasks.append(asyncio.create_task(self._ticker(tick_svc)))
 
     def _gpu_probe(self, proc: Proc) -> GpuProbe | None:
         """On a GPU (NVML answers): the node's memory and its models' footprints from NVML."""
@@ -656,9 +718,10 @@ class LocalStack:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self.svc:
+        for own in [*self.services, *([self.svc] if self.svc else [])]:
             with contextlib.suppress(Exception):
-                await self.svc.close()
+                await own.close()
+        self.services.clear()
         for p in reversed(self.procs):
             if p.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -19,9 +19,9 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from domain import planner
-from domain.state import NodeRecord, TransitionError, reserve
+from domain.state import NodeRecord, Registration, TransitionError, reserve
 from events.bus import FLEET_BUCKET, keys_matching
-from events.keys import node_key
+from events.keys import node_key, reg_key
 
 log = logging.getLogger("stores.fleet")
 NODE_LIST_TTL_S = 2.0
@@ -50,6 +50,17 @@ class Fleet:
         got = NodeRecord.model_validate_json(entry.value), entry.revision or 0
         self._last[node_id] = got
         return got
+
+    async def register(self, reg: Registration) -> None:
+        """Write the node's registration (only the node's own identity may)."""
+        await self.kv.put(reg_key(reg.node_id), reg.model_dump_json().encode())
+
+    async def registration(self, node_id: str) -> Registration | None:
+        try:
+            entry = await self.kv.get(reg_key(node_id))
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        return Registration.model_validate_json(entry.value) if entry.value else None
 
     async def node_ids(self) -> list[str]:
         """The registered nodes. The list is kept for NODE_LIST_TTL_S (one round trip less

@@ -41,6 +41,7 @@ def task_key(source: str, task_id: str) -> str:
 class TaskRecord(BaseModel):
     task_id: str
     source: str = ""
+    client: str = ""  # the bus identity that asked: its ends go to its subjects only
     chat_id: str
     model: str
     state: TaskState

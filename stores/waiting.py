@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 from events.bus import WAITING_STREAM
 from events.codec import Event, to_binary
 from events.keys import decode_name, encode_name
-from events.types import SUBJECT_PREFIX, subject_for
+from events.types import CLIENT_EXTENSION, SUBJECT_PREFIX, subject_for
 
 log = logging.getLogger("stores.waiting")
 WAITING_PREFIX = f"{SUBJECT_PREFIX}.waiting"
@@ -158,7 +158,11 @@ class Waiting:
             headers.pop(h, None)
         headers["ce-oawake"] = str(waiter.seq)  # tells the chat function it was parked
         headers["Nats-Msg-Id"] = f"{waiter.task_id}.wake.{waiter.seq}.{trigger}"[:240]
-        await self.js.publish(subject_for("chat.requested"), waiter.body, headers=headers)
+        # Back under its client's name (the parked event kept the one its subject gave it).
+        client = headers.get(f"ce-{CLIENT_EXTENSION}", "")
+        await self.js.publish(
+            subject_for("chat.requested", client=client), waiter.body, headers=headers
+        )
 
     def wake_heads_soon(self, trigger: str) -> None:
         """`wake_heads` in the background. Calls while one runs are coalesced into one more

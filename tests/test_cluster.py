@@ -104,7 +104,7 @@ async def stored_ends(js: Any) -> Counter[str]:
             msg = await js.get_msg(bus.EVENTS_STREAM, seq)
         except nats.js.errors.NotFoundError:
             continue  # deleted
-        if msg.subject in ("ollama.chat.completed", "ollama.chat.failed"):
+        if msg.subject.startswith(("ollama.chat.completed.", "ollama.chat.failed.")):
             ends[decode(msg.headers or {}, msg.data or b"").data["task_id"]] += 1
     return ends
 
@@ -230,7 +230,7 @@ async def _first_token(svc: Services, chat_id: str) -> None:
     async def cb(_: Any) -> None:
         got.set()
 
-    sub = await svc.nc.subscribe(f"ollama.chat.token.{chat_id}", cb=cb)
+    sub = await svc.nc.subscribe(f"ollama.chat.token.*.{chat_id}", cb=cb)
     try:
         await asyncio.wait_for(got.wait(), 60)
     finally:
@@ -368,7 +368,7 @@ async def test_a_jetstream_cluster_loses_a_server_mid_stream_and_every_chat_ends
         async def on_token(msg: Any) -> None:
             tokens[msg.subject.rsplit(".", 1)[-1]] += 1
 
-        await observer.subscribe("ollama.chat.token.*", cb=on_token)
+        await observer.subscribe("ollama.chat.token.*.*", cb=on_token)
         for ev in events:
             await bus.publish(svc.js, ev)
         await wait_until(lambda: sum(tokens.values()) >= 40, timeout=60, what="chats streaming")

@@ -21,12 +21,12 @@ import pytest
 from agent.node import NodeAgent
 from autoscaler.client import ChatSession, chat
 from domain import state
-from domain.state import NodeRecord, Slot
+from domain.state import NodeRecord, Registration, Slot
 from events import bus
 from events.codec import Event, to_structured
 from events.dispatcher import MAX_FAILED_DELIVERIES, Dispatcher
 from events.outcome import Done, Retry
-from events.types import ChatRequested, ModelEvict, ModelLoad
+from events.types import CLIENT_EXTENSION, ChatRequested, ModelEvict, ModelLoad
 from functions import chat as chat_fn
 from functions import entry, evict, load, reconcile
 from functions.services import Services, Settings, open_services
@@ -100,7 +100,12 @@ async def test_a_request_that_cannot_fit_is_parked_acked_and_woken_by_the_releas
     await wait_until(lambda: long.result.tokens, what="A streaming")
     waiting = await world.session(B, max_tokens=4)
     await wait_until(lambda: world.svc.waiting.all(), what="B parked")
-    task = (await world.svc.tasks.get(waiting.event.source, waiting.event.id)).record
+
+    async def task_b():  # the waiter is stored just before its task says `queued`
+        got = await world.svc.tasks.get(waiting.event.source, waiting.event.id)
+        return got.record if got and got.record.state == "queued" else None
+
+    task = await wait_until(task_b, timeout=5, what="B's task queued")
     assert task.state == "queued" and not long.done
     # Only A's delivery is outstanding: B's was acknowledged, not NAK-looped.
     await wait_until(lambda: _ack_pending_is(world.svc, 1), what="only A's delivery pending")
@@ -144,12 +149,14 @@ async def _depth_at_least(world: World, n: int) -> bool:
 
 async def test_a_chat_dead_lettered_by_the_dispatcher_ends_with_chat_failed(world):
     """Defect 2: a dispatcher dead-letter sent no chat.failed and left the task behind."""
-    events = await Collector().attach(world.svc.nc, "ollama.chat.failed")
+    events = await Collector().attach(world.svc.nc, "ollama.chat.failed.*")
     d = world.dispatchers["chat"]
 
     async def always_failing(event: Event, attempt: int) -> Retry:
         # The handler's first step ran (the task exists), then a transient error each time.
-        await chat_fn._claim(world.svc, event, ChatRequested.model_validate(event.data), attempt)
+        client = event.extensions[CLIENT_EXTENSION]
+        req = ChatRequested.model_validate(event.data)
+        await chat_fn._claim(world.svc, event, client, req, attempt)
         return Retry(0.01, "transient trouble")
 
     d.deliver = always_failing
@@ -167,11 +174,11 @@ def _lose_the_first_end(monkeypatch: Any) -> list[str]:
     real = bus.publish
     failed: list[str] = []
 
-    async def flaky(js, event, chat_id=None, msg_id=None):
+    async def flaky(js, event, chat_id=None, msg_id=None, client=None):
         if event.type == "chat.completed" and not failed:
             failed.append(event.id)
             raise ConnectionError("publish lost")
-        await real(js, event, chat_id, msg_id)
+        await real(js, event, chat_id, msg_id, client)
 
     monkeypatch.setattr(bus, "publish", flaky)
     return failed
@@ -186,6 +193,7 @@ async def test_an_end_whose_publish_failed_is_resent_by_the_redelivery(world, mo
     ev = Event(
         "chat.requested",
         {"chat_id": "c1", "model": A, "messages": [{"role": "user", "content": "hi"}]},
+        extensions={CLIENT_EXTENSION: "client"},  # as the dispatcher names it
     )
     with pytest.raises(ConnectionError):
         await chat_fn.handle(world.svc, ev, 1)
@@ -206,10 +214,14 @@ async def test_a_wake_whose_run_failed_is_served_by_its_redelivery(world, monkey
     _lose_the_first_end(monkeypatch)
     await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))
     data = {"chat_id": "w1", "model": A, "messages": [{"role": "user", "content": "hi"}]}
-    ev = Event("chat.requested", data, extensions={chat_fn.WAKE_EXTENSION: "t"})
+    ev = Event(
+        "chat.requested",
+        data,
+        extensions={chat_fn.WAKE_EXTENSION: "t", CLIENT_EXTENSION: "client"},
+    )
     now = time.time()
     parked = TaskRecord(
-        task_id=ev.id, source=ev.source, chat_id="w1", model=A, state="queued",
+        task_id=ev.id, source=ev.source, client="client", chat_id="w1", model=A, state="queued",
         created_at=now, updated_at=now,
     )  # fmt: skip
     rev = await world.svc.tasks.create(parked)
@@ -260,8 +272,8 @@ async def test_the_same_structured_event_twice_runs_once_and_never_releases_unde
         },
     )
     body = to_structured(ev)[1]
-    await world.svc.js.publish("ollama.chat.requested", body)
-    await world.svc.js.publish("ollama.chat.requested", body)
+    await world.svc.js.publish("ollama.chat.requested.client", body)
+    await world.svc.js.publish("ollama.chat.requested.client", body)
     await wait_until(lambda: len(ends_of(events, ev.id)) >= 2, timeout=60, what="two ends")
     chats = [r for r in world.fake.requests if r[0] == "/api/chat"]
     assert len(chats) == 1, "the duplicate generated a second answer"
@@ -281,15 +293,15 @@ async def test_a_reused_event_id_gets_its_stored_answer_again(world):
         source="cli",
     )
     body = to_structured(ev)[1]
-    await world.svc.js.publish("ollama.chat.requested", body)
+    await world.svc.js.publish("ollama.chat.requested.client", body)
     await wait_until(lambda: ends_of(events, "demo-1"), timeout=60, what="first end")
-    await world.svc.js.publish("ollama.chat.requested", body)
+    await world.svc.js.publish("ollama.chat.requested.client", body)
     await wait_until(lambda: len(ends_of(events, "demo-1")) == 2, timeout=30, what="second end")
     first, second = ends_of(events, "demo-1")
     assert first.data == second.data and first.type == "chat.completed"
     # Another source may use the same id: it is another request.
     other = Event(ev.type, {**ev.data, "chat_id": "demo2"}, id="demo-1", source="someone-else")
-    await world.svc.js.publish("ollama.chat.requested", to_structured(other)[1])
+    await world.svc.js.publish("ollama.chat.requested.client", to_structured(other)[1])
     await wait_until(
         lambda: any(e.data["chat_id"] == "demo2" for e in ends_of(events, "demo-1")),
         timeout=30,
@@ -313,7 +325,9 @@ async def test_a_stream_cut_short_is_a_failure_with_the_partial_text(world):
 async def test_an_unreachable_runtime_fails_the_chat_and_releases_its_lease(world):
     """Defect 9: httpx errors escaped load/evict/chat: blind retries, a lease never released."""
     await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))
-    await world.svc.fleet.update("n1", lambda r: r.model_copy(update={"url": "http://127.0.0.1:9"}))
+    dead = "http://127.0.0.1:9"  # the node re-registered at a runtime that is gone
+    await world.svc.fleet.update("n1", lambda r: r.model_copy(update={"url": dead}))
+    await world.svc.fleet.register(Registration(node_id="n1", runtime="ollama", url=dead))
     world.svc.runtimes.clear()
     s = await world.session(A)
     result = await s.wait(60)
@@ -406,7 +420,7 @@ async def test_an_oversized_dead_letter_is_cut_and_the_message_terminated(world)
     message was never terminated and looped forever."""
     dead = await Collector().attach(world.svc.nc, "ollama.deadletter.>")
     hostile = b"\x01" * 530_000  # each byte becomes \\u0001 (six) in a JSON record
-    await world.svc.js.publish("ollama.chat.requested", hostile)
+    await world.svc.js.publish("ollama.chat.requested.client", hostile)
     record = (await wait_until(dead.dead, what="the dead letter"))[0]
     assert record["body_truncated"] and record["body_bytes"] == 530_000
     assert record["body_sha256"] == hashlib.sha256(hostile).hexdigest()  # of the whole body
@@ -527,13 +541,13 @@ async def test_full_streams_refuse_requests_and_drop_only_old_tokens(fresh_nats_
         accepted = 0
         with pytest.raises(nats.js.errors.APIError, match="maximum bytes"):
             for _ in range(100):
-                await svc.js.publish("ollama.chat.requested", body)
+                await svc.js.publish("ollama.chat.requested.client", body)
                 accepted += 1
         events = await svc.js.stream_info(bus.EVENTS_STREAM)
         assert 0 < accepted < 100 and events.state.messages == accepted
         assert events.state.first_seq == 1  # nothing queued was dropped
         for _ in range(100):
-            await svc.js.publish("ollama.chat.token.c1", body)  # never refused
+            await svc.js.publish("ollama.chat.token.client.c1", body)  # never refused
         tokens = await svc.js.stream_info(bus.TOKENS_STREAM)
         assert tokens.state.bytes <= 64 * 1024 and tokens.state.first_seq > 1
         for name in (bus.DLQ_STREAM, bus.WAITING_STREAM):
@@ -570,7 +584,9 @@ async def test_no_node_serving_the_model_is_not_reported_as_too_large(world):
 async def test_cancel_stops_a_running_chat_within_a_second_with_one_end(world):
     stop = asyncio.Event()
     canceller = asyncio.create_task(entry.dispatcher(world.svc, "cancel").run(stop))
-    events = await Collector().attach(world.svc.nc, "ollama.chat.completed", "ollama.chat.failed")
+    events = await Collector().attach(
+        world.svc.nc, "ollama.chat.completed.*", "ollama.chat.failed.*"
+    )
     world.fake.token_s = 0.05  # 400 tokens would take 20 s
     s = await world.session(A, max_tokens=400)
     await wait_until(lambda: len(s.result.tokens) >= 3, what="streaming")

@@ -105,7 +105,7 @@ def _one_end(events: Collector, task_id: str) -> list[Event]:
 @pytest.mark.parametrize("transport", ["inprocess", "http"])
 async def test_chat_streams_real_text_with_contiguous_seq_and_one_completed(make_stack, transport):
     _stack, nc = await make_stack(transport=transport)
-    ends = await Collector().attach(nc, "ollama.chat.completed", "ollama.chat.failed")
+    ends = await Collector().attach(nc, "ollama.chat.completed.*", "ollama.chat.failed.*")
     result = await chat(nc, A, "Why is the sky blue?", timeout=120, max_tokens=24, stop=[NEVER])
     assert result.end.type == "chat.completed", result.end.data
     stats = result.end.data["stats"]
@@ -180,10 +180,10 @@ async def _is_queued(tasks: Tasks, task_id: str) -> bool:
 async def test_bad_events_go_to_dead_letter_and_the_next_good_one_is_served(make_stack):
     _stack, nc = await make_stack()
     js = nc.jetstream()
-    events = await Collector().attach(nc, "ollama.deadletter.>", "ollama.chat.failed")
-    await js.publish("ollama.chat.requested", b"this is not a cloudevent")
+    events = await Collector().attach(nc, "ollama.deadletter.>", "ollama.chat.failed.*")
+    await js.publish("ollama.chat.requested.client", b"this is not a cloudevent")
     bad_schema = Event("chat.requested", {"chat_id": "x1", "model": A})  # no messages
-    await js.publish("ollama.chat.requested", to_structured(bad_schema)[1])
+    await js.publish("ollama.chat.requested.client", to_structured(bad_schema)[1])
     hostile = Event(
         "chat.requested",
         {
@@ -192,7 +192,7 @@ async def test_bad_events_go_to_dead_letter_and_the_next_good_one_is_served(make
             "messages": [{"role": "user", "content": "hi"}],
         },
     )
-    await js.publish("ollama.chat.requested", to_structured(hostile)[1])
+    await js.publish("ollama.chat.requested.client", to_structured(hostile)[1])
     unknown = Event(
         "chat.requested",
         {
@@ -222,7 +222,7 @@ async def test_bad_events_go_to_dead_letter_and_the_next_good_one_is_served(make
 
 async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack, tmp_path):
     stack, nc = await make_stack(functions=("load", "evict", "reconcile"), ack_wait_s=3.0)
-    ends = await Collector().attach(nc, "ollama.chat.completed", "ollama.chat.failed")
+    ends = await Collector().attach(nc, "ollama.chat.completed.*", "ollama.chat.failed.*")
 
     logs: list[Path] = []
 
@@ -402,7 +402,7 @@ async def test_up_restarts_killed_children_and_a_nats_restart_loses_nothing(make
 
 async def test_ctrl_c_in_the_cli_cancels_the_chat_in_the_system(make_stack):
     stack, nc = await make_stack()
-    ends = await Collector().attach(nc, "ollama.chat.failed", "ollama.chat.completed")
+    ends = await Collector().attach(nc, "ollama.chat.failed.*", "ollama.chat.completed.*")
     proc = await spawn_cli(
         "--nats",
         stack.nats_url,

@@ -7,7 +7,7 @@ import asyncio
 import time
 
 from domain import state
-from domain.state import NodeRecord, Slot
+from domain.state import NodeRecord, Registration, Slot
 from events import bus
 from events.codec import Event
 from events.dispatcher import MAX_FAILED_DELIVERIES, Dispatcher, in_process
@@ -33,6 +33,7 @@ async def _svc(nats_url: str, node_id: str, url: str, **models: Slot):
         models=models,
     )
     await svc.fleet.kv.put(f"node.{node_id}", record.model_dump_json().encode())
+    await svc.fleet.register(Registration(node_id=node_id, runtime="ollama", url=url))
     return svc
 
 

@@ -231,7 +231,7 @@ async def _answer_longer_than(page: Any, n: int) -> bool:
 
 async def test_stop_mid_answer_ends_it_within_a_second_and_frees_the_lease(world):
     stack, ui, browser = world
-    ends = await Collector().attach(stack.svc.nc, "ollama.chat.completed", "ollama.chat.failed")
+    ends = await Collector().attach(stack.svc.nc, "ollama.chat.completed.*", "ollama.chat.failed.*")
     context, page, _ = await open_page(browser, ui.url)
     await page.click("button:has-text('New chat')")
     await pick_model(page, A)

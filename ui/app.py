@@ -18,7 +18,7 @@ from typing import Any
 import panel as pn
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from autoscaler.client import ChatSession
+from autoscaler.client import ChatSession, client_name
 from events import bus
 from events.codec import Event, decode
 from events.types import ChatCancel, ChatRequested, ChatToken, ModelEvict, ModelLoad
@@ -375,11 +375,14 @@ class ChatApp:
                 if tok.task_id == pending.task_id:
                     tokens.setdefault(tok.attempt, {})[tok.seq] = tok.text
 
+        # A named consumer is created on a subject that carries its filter, which the UI's
+        # permissions limit to its own chats' tokens.
         sub = await svc.js.subscribe(
-            bus.subject_for("chat.token", chat.chat_id),
+            bus.subject_for("chat.token", chat.chat_id, client_name(svc.nc)),
+            stream=bus.TOKENS_STREAM,
             cb=on_token,
             ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            config=ConsumerConfig(name=uuid.uuid4().hex, deliver_policy=DeliverPolicy.ALL),
         )
         self.stop_btn.disabled = False
         end: dict[str, Any] | None = None

@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from events import bus
 from events.codec import CodecError, decode
 from functions.services import Services, Settings, open_services
 
 log = logging.getLogger("ui.bus")
-LOG_SUBJECTS = ("ollama.model.>", "ollama.chat.failed", "ollama.deadletter.>")
+LOG_SUBJECTS = ("ollama.model.>", "ollama.chat.failed.*", "ollama.deadletter.>")
 
 
 @dataclass
@@ -58,7 +59,7 @@ class UiBus:
                 self.svc = await open_services(Settings(nats_url=self.nats_url))
                 self.error = ""
             except Exception as exc:  # not up yet: say so, and try again
-                self.error = f"cannot reach NATS at {self.nats_url}: {exc}"
+                self.error = f"cannot reach NATS at {bus.redact(self.nats_url)}: {exc}"
                 await asyncio.sleep(2)
         for subject in LOG_SUBJECTS:
             await self.svc.nc.subscribe(subject, cb=self._heard)
