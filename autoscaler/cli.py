@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+
 from domain import planner
 from events import bus
 from events.auth import ADMIN, DEFAULT_CLIENT, read_env_file
@@ -623,6 +625,12 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(args.fn(args))
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (TimeoutError, nats.errors.TimeoutError) as exc:
+        if bus.VIOLATIONS:
+            print(f"error: refused by NATS: {bus.VIOLATIONS[-1]}", file=sys.stderr)
+            return 77  # EX_NOPERM
+        print(f"error: NATS did not answer in time ({exc!r})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -128,7 +128,7 @@ async def latency(
     )
     await stack.start(progress=True)
     try:
-        nc = await bus.connect(stack.nats_url)
+        nc = await bus.connect(stack.admin_url)
         await _system(nc, "warm up", 4)  # loads the model; not measured
         client = httpx.AsyncClient(base_url=stack.runtime_urls["node-0"], timeout=120)
         await _direct(client, "warm up", 4)
@@ -332,14 +332,14 @@ async def amain(args: argparse.Namespace) -> int:
     trows = []
     try:
         for clients in (int(c) for c in args.clients.split(",")):
-            r = await throughput(stack.nats_url, clients, args.seconds)
+            r = await throughput(stack.admin_url, clients, args.seconds)
             trows.append(r)
             print(
                 f"{clients:>3} clients: {r['chats_per_s']:.0f} chats/s "
                 f"({r['completed']} in {r['seconds']:.1f} s)"
             )
         if args.profile:
-            await profiled_throughput(stack.nats_url, args.profile, args.seconds, out)
+            await profiled_throughput(stack.admin_url, args.profile, args.seconds, out)
     finally:
         await stack.stop()
         state.cleanup()

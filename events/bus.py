@@ -12,6 +12,7 @@ KV buckets: fleet (node records), models (catalog), tasks (task records + queue 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -144,14 +145,21 @@ async def connect(
     except (OSError, TimeoutError) as exc:
         raise ConnectionError(f"cannot reach NATS at {plain_url} ({exc}); {hint}") from exc
 
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
     async def on_error(exc: Exception) -> None:
+        text = str(exc).lower()
+        if "permissions violation" in text:
+            VIOLATIONS.append(f"{user or 'no user'}: {exc}")
+        elif "authorization violation" in text and not refused.done():
+            refused.set_result(exc)  # wrong or missing credentials: retrying cannot help
         log.warning("nats (%s): %s", user or "no user", exc)
 
     options: dict[str, Any] = {}
     if user:
         options = {"user": user, "password": password or "", "inbox_prefix": f"_INBOX_{user}"}
-    try:
-        nc = await nats.connect(
+    connecting = asyncio.ensure_future(
+        nats.connect(
             plain_url,
             name=name,
             connect_timeout=3,
@@ -161,16 +169,28 @@ async def connect(
             allow_reconnect=True,
             **options,
         )
+    )
+    await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():  # the server refused the credentials: stop its retry loop
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        who = f"user {user!r}" if user else "a client with no user"
+        raise ConnectionError(
+            f"NATS at {plain_url} refused {who} ({refused.result()}): set NATS_USER and "
+            "NATS_PASSWORD (the local stack writes them to <state>/auth/<user>.env), or pass "
+            "nats://USER:PASSWORD@HOST:PORT"
+        )
+    try:
+        nc = connecting.result()
     except Exception as exc:  # nats raises several unrelated types for "no server"
-        if "authorization" in str(exc).lower():
-            who = f"user {user!r}" if user else "a client with no user"
-            raise ConnectionError(
-                f"NATS at {plain_url} refused {who} ({exc}): set NATS_USER and NATS_PASSWORD "
-                "(the local stack writes them to <state>/auth/<user>.env), or pass "
-                "nats://USER:PASSWORD@HOST:PORT"
-            ) from exc
         raise ConnectionError(f"cannot connect to NATS at {plain_url} ({exc!r}); {hint}") from exc
     return nc
+
+
+# Permission violations the server reported to this process's connections (newest last):
+# a refused request only times out, so this is how a CLI says what was refused.
+VIOLATIONS: list[str] = []
 
 
 def with_identity(url: str, user: str, password: str) -> str:

@@ -175,6 +175,13 @@ def fake_ollama_app() -> tuple[Any, Any]:
     return state, client
 
 
+def cli_env(stack: Any) -> dict[str, str]:
+    """The environment of a CLI run against `stack`: it finds its identity in the stack's
+    state (`<state>/auth/<user>.env`), as a newcomer's CLI does."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_USER", "NATS_PASSWORD")}
+    return {**env, "OA_STATE_DIR": str(stack.cfg.state_dir)}
+
+
 async def spawn_cli(*args: str, **kwargs: Any) -> asyncio.subprocess.Process:
     """`python -m autoscaler.cli ARGS` from the repository, stdout/stderr piped unless given."""
     kwargs.setdefault("stdout", asyncio.subprocess.PIPE)

@@ -27,7 +27,7 @@ from stack.local import LocalStack, StackConfig
 from stores.tasks import Tasks
 from stores.waiting import Waiting
 
-from .conftest import ROOT, Collector, spawn_cli, wait_until
+from .conftest import ROOT, Collector, cli_env, spawn_cli, wait_until
 
 pytestmark = pytest.mark.e2e
 MIB = 1 << 20
@@ -78,7 +78,7 @@ async def make_stack(tmp_path) -> AsyncIterator[StackFactory]:
         stack = LocalStack(cfg)
         stacks.append(stack)
         await stack.start(progress=True)
-        nc = await bus.connect(stack.nats_url)
+        nc = await bus.connect(stack.admin_url)
         return stack, nc
 
     yield make
@@ -235,7 +235,7 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack,
                 "-m",
                 "autoscaler.cli",
                 "--nats",
-                stack.nats_url,
+                stack.url_for("worker"),
                 "worker",
                 "--functions",
                 "chat",
@@ -289,7 +289,7 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack,
 
 
 async def _cli(stack: LocalStack, *args: str) -> tuple[int, str, str]:
-    proc = await spawn_cli("--nats", stack.nats_url, *args)
+    proc = await spawn_cli("--nats", stack.nats_url, *args, env=cli_env(stack))
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -412,6 +412,7 @@ async def test_ctrl_c_in_the_cli_cancels_the_chat_in_the_system(make_stack):
         "--max-tokens",
         "400",
         "Tell a long story.",
+        env=cli_env(stack),
     )
     assert proc.stdout is not None
     first = await asyncio.wait_for(proc.stdout.read(8), 120)  # the answer has begun

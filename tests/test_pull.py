@@ -89,7 +89,7 @@ async def test_a_llamacpp_node_pulls_a_gguf_checks_it_and_can_serve_it(file_serv
     )
     await stack.start(progress=False)
     try:
-        nc = await bus.connect(stack.nats_url)
+        nc = await bus.connect(stack.admin_url)
         js = nc.jetstream()
         events = await Collector().attach(nc, "ollama.model.pull.>", "ollama.model.pulled")
         models_dir = stack.models_dir("node-0")

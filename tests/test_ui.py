@@ -45,7 +45,7 @@ class Ui:
     def start(self) -> None:
         from ui.serve import serve
 
-        self.server = serve(self.stack.nats_url, "127.0.0.1", self.port)
+        self.server = serve(self.stack.url_for("ui"), "127.0.0.1", self.port)
         self.server.start()
 
     def stop(self) -> None:
@@ -188,7 +188,7 @@ async def ui_process(nats_url: str, port: int) -> asyncio.subprocess.Process:
 async def test_reload_mid_answer_replays_and_completes_and_history_survives_a_restart(world):
     stack, _ui, browser = world
     port = free_port()
-    app = await ui_process(stack.nats_url, port)
+    app = await ui_process(stack.url_for("ui"), port)
     try:
         context, page, _ = await open_page(browser, f"http://127.0.0.1:{port}/")
         await pick_model(page, A)  # the base Gemma: it writes on until max tokens
@@ -205,7 +205,7 @@ async def test_reload_mid_answer_replays_and_completes_and_history_survives_a_re
         # Restart the app: the history is in KV, not in the app.
         app.terminate()
         await app.wait()
-        app = await ui_process(stack.nats_url, port)
+        app = await ui_process(stack.url_for("ui"), port)
         await page.reload()
         await page.wait_for_selector("text=New chat", timeout=60_000)
         await wait_until(
@@ -376,7 +376,7 @@ async def test_a_non_loopback_address_needs_auth_and_a_wrong_password_is_refused
     stack, _ui, _browser = world
     proc = await spawn_cli(
         "--nats",
-        stack.nats_url,
+        stack.url_for("ui"),
         "ui",
         "--host",
         "0.0.0.0",
@@ -394,7 +394,7 @@ async def test_a_non_loopback_address_needs_auth_and_a_wrong_password_is_refused
     port = free_port()
     os.environ["OA_UI_PASSWORD"] = "right-horse-battery"
     try:
-        server = serve(stack.nats_url, "127.0.0.1", port)
+        server = serve(stack.url_for("ui"), "127.0.0.1", port)
     finally:
         del os.environ["OA_UI_PASSWORD"]
     server.start()
@@ -423,7 +423,7 @@ async def test_the_websocket_is_refused_to_origins_not_named(world, monkeypatch)
     monkeypatch.setenv("OA_UI_ORIGINS", "chat.example.test, admin.example.test:8443")
     port = free_port()
     assert ws_origins("127.0.0.1", port)[-2:] == ["chat.example.test", "admin.example.test:8443"]
-    server = serve(stack.nats_url, "127.0.0.1", port)
+    server = serve(stack.url_for("ui"), "127.0.0.1", port)
     server.start()
     upgrade = {
         "Connection": "Upgrade",
