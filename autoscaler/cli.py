@@ -129,7 +129,10 @@ async def cmd_ui(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     server.start()
-    print(f"ollama-autoscaler UI at http://{args.host}:{args.port}/ (NATS {args.nats})", flush=True)
+    print(
+        f"ollama-autoscaler UI at http://{args.host}:{args.port}/ (NATS {bus.redact(args.nats)})",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -267,6 +270,33 @@ def cmd_add_client(args: argparse.Namespace) -> int:
         else "  (no running nats-server found: the stack takes it when it starts)"
     )
     print(f"use it:  set -a; . {auth_dir / (name + '.env')}; set +a")
+    return 0
+
+
+def cmd_auth_config(args: argparse.Namespace) -> int:
+    """The NATS identities of a deployment elsewhere (Kubernetes): the server's
+    `authorization` block and one env file per identity, in --out (0700/0600)."""
+    from events.auth import (
+        check_new_client,
+        ensure_credentials,
+        stack_users,
+        write_env_files,
+        write_server_config,
+    )
+
+    try:
+        nodes = [n for n in args.nodes.split(",") if n]
+        clients = [check_new_client(c) for c in args.clients.split(",") if c]
+        out = Path(args.out)
+        creds = ensure_credentials(out, stack_users(nodes, clients))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    conf = write_server_config(out, creds)
+    write_env_files(out, creds, args.nats)
+    print(f"{len(creds.passwords)} identities in {out} (passwords kept if already there)")
+    print(f"  server: include {conf} in nats-server's config (an `authorization` block)")
+    print(f"  each component: NATS_USER / NATS_PASSWORD from {out}/<user>.env")
     return 0
 
 
@@ -563,6 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("name", help="a-z 0-9 _ - (its subject segment and NATS user)")
     a.set_defaults(fn=cmd_add_client, sync=True)
+    ac = sub.add_parser(
+        "auth-config", help="NATS identities for a deployment elsewhere (server config + env)"
+    )
+    ac.add_argument("--out", required=True, help="a folder for credentials.json, nats.conf, *.env")
+    ac.add_argument("--nodes", default="", help="comma-separated node ids (an agent each)")
+    ac.add_argument("--clients", default=DEFAULT_CLIENT, help="comma-separated client names")
+    ac.set_defaults(fn=cmd_auth_config, sync=True)
     t = sub.add_parser("task", help="a task's state and timings")
     t.add_argument("task_id")
     t.set_defaults(fn=cmd_task)

@@ -102,7 +102,10 @@ async def cmd_provision(args: argparse.Namespace) -> int:
         }
     finally:
         await nc.close()
-    print(f"provisioned on {args.nats} (replicas {args.replicas}, delivery {args.delivery})")
+    print(
+        f"provisioned on {bus.redact(args.nats)} "
+        f"(replicas {args.replicas}, delivery {args.delivery})"
+    )
     print(f"  streams:   {', '.join(sorted(streams))}")
     for stream, names in consumers.items():
         print(f"  consumers on {stream}: {', '.join(names)}")
@@ -136,7 +139,15 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         print(f"unknown function(s) {unknown}; choose from {sorted(HANDLERS)}", file=sys.stderr)
         return 2
     settings = Settings().but(nats_url=args.nats)
-    svc = await open_services(settings, provision=args.provision)
+    nc = await bus.connect(args.nats, name="ollama-autoscaler-worker")
+    provision = args.provision and bus.user_of(nc) in ("", "admin")
+    if args.provision and not provision:
+        print(
+            f"worker: not provisioning: {bus.user_of(nc)!r} may not create streams "
+            "(`ollama-autoscaler provision` as admin does)",
+            flush=True,
+        )
+    svc = await open_services(settings, provision=provision, nc=nc)
     stop = _stop_on_signals()
     dispatchers = [dispatcher(svc, name) for name in names]
     tasks = [asyncio.create_task(d.run(stop)) for d in dispatchers]
@@ -146,7 +157,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         return f"dispatchers stopped: {dead}" if dead and not stop.is_set() else None
 
     health = await _health(args.health_port, alive, nats_ready(svc.nc))
-    print(f"worker {os.getpid()} serving {', '.join(names)} from {args.nats}", flush=True)
+    print(
+        f"worker {os.getpid()} serving {', '.join(names)} from {bus.redact(args.nats)}",
+        flush=True,
+    )
     await stop.wait()
     print(f"worker {os.getpid()}: draining (up to {args.drain_timeout:.0f}s)", flush=True)
     await asyncio.wait(tasks, timeout=5)  # fetching stops within one fetch timeout
@@ -185,7 +199,9 @@ async def cmd_agent(args: argparse.Namespace) -> int:
 
     capacity = _capacity(args.capacity)
     node_id = args.node_id or os.environ.get("POD_NAME") or socket.gethostname()
-    runtime = make_runtime(args.runtime, args.runtime_url)
+    runtime = make_runtime(
+        args.runtime, args.runtime_url, api_key=os.environ.get("OA_RUNTIME_API_KEY")
+    )
     nc = await bus.connect(args.nats, name=f"ollama-autoscaler-agent-{node_id}")
     js = nc.jetstream()
     agent = NodeAgent(

@@ -130,7 +130,9 @@ async def latency(
     try:
         nc = await bus.connect(stack.admin_url)
         await _system(nc, "warm up", 4)  # loads the model; not measured
-        client = httpx.AsyncClient(base_url=stack.runtime_urls["node-0"], timeout=120)
+        client = httpx.AsyncClient(
+            base_url=stack.runtime_urls["node-0"], timeout=120, headers=stack.runtime_headers()
+        )
         await _direct(client, "warm up", 4)
         a_ttft, a_total, b_ttft, b_total = [], [], [], []
         for i in range(pairs):

@@ -54,6 +54,8 @@ ADMIN = "admin"
 FUNCTIONS = ("chat", "cancel", "load", "evict", "pull", "reconcile")
 COMPONENTS = (ADMIN, *FUNCTIONS, "worker", "ui", "bridge", "tick")
 CHATS_BUCKET = "chats"  # the UI's history (ui/history.py)
+# Not a NATS user: the runtime API key (llama-server --api-key) kept beside the passwords.
+RUNTIME_KEY = "runtime-api-key"
 
 
 AGENT_PREFIX = "agent-"
@@ -294,7 +296,7 @@ class Credentials:
         return {"NATS_URL": nats_url, "NATS_USER": user, "NATS_PASSWORD": self.passwords[user]}
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read (created 0600: never readable in between)."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
@@ -320,7 +322,7 @@ def ensure_credentials(auth_dir: Path, users: Iterable[str]) -> Credentials:
             passwords[user] = secrets.token_urlsafe(24)
             changed = True
     if changed or not path.exists():
-        _write_private(path, json.dumps(passwords, indent=2, sort_keys=True))
+        write_private(path, json.dumps(passwords, indent=2, sort_keys=True))
     return Credentials(path, passwords)
 
 
@@ -329,6 +331,7 @@ def nats_config(creds: Credentials) -> str:
     users = [
         {"user": user, "password": password, "permissions": permissions(user).as_nats()}
         for user, password in sorted(creds.passwords.items())
+        if user != RUNTIME_KEY
     ]
     # JSON is a subset of the NATS config syntax; `$` is quoted so it is never a variable.
     return "authorization {\n  users = " + json.dumps(users, indent=2) + "\n}\n"
@@ -338,14 +341,16 @@ def write_server_config(auth_dir: Path, creds: Credentials, extra: str = "") -> 
     """`auth_dir/nats.conf` (0600), and one `<user>.env` (0600) per user, to source for the
     nats CLI or our CLI: `set -a; . <user>.env; set +a`."""
     conf = auth_dir / "nats.conf"
-    _write_private(conf, extra + nats_config(creds))
+    write_private(conf, extra + nats_config(creds))
     return conf
 
 
 def write_env_files(auth_dir: Path, creds: Credentials, nats_url: str) -> None:
     for user in creds.passwords:
+        if user == RUNTIME_KEY:
+            continue
         lines = [f"{k}={v}" for k, v in creds.env(user, nats_url).items()]
-        _write_private(auth_dir / f"{user}.env", "\n".join(lines) + "\n")
+        write_private(auth_dir / f"{user}.env", "\n".join(lines) + "\n")
 
 
 def read_env_file(path: Path) -> dict[str, str]:

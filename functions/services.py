@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     unload_timeout_s: float = Field(default=60.0, gt=0)
     chars_per_token: float = Field(default=4.0, gt=0)  # prompt-size check before any load
     prefetch: bool = True  # warm a model's file into the page cache while its load waits
+    # The key the node's llama-server was started with (--api-key); never printed.
+    runtime_api_key: str | None = Field(default=None, repr=False)
 
     def but(self, **changes: Any) -> Settings:
         """A copy with `changes`, validated like the environment is."""
@@ -96,7 +98,9 @@ class Services:
     ) -> Runtime:
         key = (kind, url)
         if key not in self.runtimes:
-            self.runtimes[key] = make_runtime(kind, url, log_path, models_dir)
+            self.runtimes[key] = make_runtime(
+                kind, url, log_path, models_dir, self.settings.runtime_api_key
+            )
         return self.runtimes[key]
 
     async def runtime_of(self, record: NodeRecord) -> Runtime:

@@ -30,15 +30,17 @@ def make_runtime(
     url: str,
     log_path: str | Path | None = None,
     models_dir: str | Path | None = None,
+    api_key: str | None = None,
 ) -> Runtime:
     """A runtime adapter; `log_path` and `models_dir` are known where the runtime runs beside
     its node agent (the local stack): its log (to explain a dead model process) and where
-    pulled models go."""
+    pulled models go. `api_key` is sent as a Bearer token (llama-server's --api-key)."""
     try:
         factory = RUNTIMES[kind]
     except KeyError:
         raise ValueError(f"unknown runtime kind {kind!r}; known: {sorted(RUNTIMES)}") from None
-    extra = {k: v for k, v in (("log_path", log_path), ("models_dir", models_dir)) if v}
+    pairs = (("log_path", log_path), ("models_dir", models_dir), ("api_key", api_key))
+    extra = {k: v for k, v in pairs if v}
     return factory(url, **extra)
 
 

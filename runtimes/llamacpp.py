@@ -60,11 +60,14 @@ class LlamaCppRuntime:
         client: httpx.AsyncClient | None = None,
         log_path: str | Path | None = None,
         models_dir: str | Path | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.models_dir = Path(models_dir) if models_dir else None
+        # llama-server's --api-key: every call but /health carries it.
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.client = client or httpx.AsyncClient(
-            base_url=self.url, timeout=httpx.Timeout(10.0, read=600.0)
+            base_url=self.url, timeout=httpx.Timeout(10.0, read=600.0), headers=headers
         )
         self.log_path = Path(log_path) if log_path else None
 

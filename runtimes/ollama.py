@@ -25,10 +25,13 @@ class OllamaRuntime:
         client: httpx.AsyncClient | None = None,
         log_path: object = None,
         models_dir: object = None,
+        api_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # Ollama has no keys of its own; one behind an authenticating proxy gets it as Bearer.
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.client = client or httpx.AsyncClient(
-            base_url=self.url, timeout=httpx.Timeout(10.0, read=600.0)
+            base_url=self.url, timeout=httpx.Timeout(10.0, read=600.0), headers=headers
         )
 
     @staticmethod

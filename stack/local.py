@@ -38,11 +38,13 @@ from events import bus
 from events.auth import (
     ADMIN,
     DEFAULT_CLIENT,
+    RUNTIME_KEY,
     Credentials,
     agent_user,
     ensure_credentials,
     stack_users,
     write_env_files,
+    write_private,
     write_server_config,
 )
 from events.codec import Event
@@ -244,6 +246,7 @@ class LocalStack:
         self.pids_file = cfg.state_dir / "pids.json"
         self.auth_dir = cfg.state_dir / "auth"
         self.creds: Credentials | None = None
+        self.runtime_key_file: Path | None = None
         self.services: list[Services] = []  # the components' own connections
 
     def node_ids(self) -> list[str]:
@@ -256,6 +259,11 @@ class LocalStack:
         if self.creds is None:
             return self.nats_url
         return bus.with_identity(self.nats_url, user, self.creds.passwords[user])
+
+    def runtime_headers(self) -> dict[str, str]:
+        """What a direct caller of the stack's llama-servers sends (their API key)."""
+        key = self.cfg.settings.runtime_api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     @property
     def admin_url(self) -> str:
@@ -419,7 +427,14 @@ class LocalStack:
             # Passwords are made once and kept (auth/credentials.json, 0600), so clients keep
             # working across restarts; `<user>.env` files are what a client sources.
             self.creds = ensure_credentials(
-                self.auth_dir, stack_users(self.node_ids(), self.cfg.clients)
+                self.auth_dir, stack_users(self.node_ids(), (*self.cfg.clients, RUNTIME_KEY))
+            )
+            # llama-server's --api-key: the functions and the agents send it, nothing else has it.
+            key_file = self.auth_dir / "runtime.key"
+            write_private(key_file, self.creds.passwords[RUNTIME_KEY])
+            self.runtime_key_file = key_file
+            self.cfg.settings = self.cfg.settings.but(
+                runtime_api_key=self.creds.passwords[RUNTIME_KEY]
             )
             conf = write_server_config(self.auth_dir, self.creds)
             write_env_files(self.auth_dir, self.creds, self.nats_url)
@@ -498,6 +513,14 @@ class LocalStack:
                     "--cors-origins",
                     url,
                     "--no-cors-credentials",
+                    # Every endpoint but /health wants the key (the router's; its model
+                    # processes, on loopback ports of their own, get none: llama-server
+                    # strips it from what it passes on).
+                    *(
+                        ["--api-key-file", str(self.runtime_key_file)]
+                        if self.runtime_key_file
+                        else []
+                    ),
                 ],
                 url,
                 ready=lambda p, u=url: self._wait_http(p, u + "/models"),
@@ -516,6 +539,8 @@ class LocalStack:
             "OA_UNLOAD_TIMEOUT_S": str(self.cfg.settings.unload_timeout_s),
             "OA_PREFETCH": str(self.cfg.settings.prefetch).lower(),
         }
+        if self.cfg.settings.runtime_api_key:
+            env["OA_RUNTIME_API_KEY"] = self.cfg.settings.runtime_api_key
         source = Path(__file__).resolve().parents[1] / "functions" / "entry.py"
         started = []
         for i, name in enumerate(self.cfg.functions):
@@ -595,6 +620,7 @@ class LocalStack:
                 url,
                 proc.log_path if proc else None,
                 models_dir,
+                self.cfg.settings.runtime_api_key,
             )
             gpu = self._gpu_probe(proc) if proc else None
             probe = (

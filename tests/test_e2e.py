@@ -84,11 +84,18 @@ async def make_stack(tmp_path) -> AsyncIterator[StackFactory]:
     yield make
     for s in stacks:
         await s.stop()
+    # Every component ran under its own identity and never needed more than it may do.
+    for s in stacks:
+        log = (s.cfg.state_dir / "logs" / "nats-server.log").read_text()
+        refused = [line for line in log.splitlines() if "Violation" in line]
+        assert not refused, f"a component was refused by NATS: {refused[:5]}"
 
 
 async def _runtime_models(stack: LocalStack) -> dict[str, str]:
     async with httpx.AsyncClient() as client:
-        resp = await client.get(stack.runtime_urls["node-0"] + "/models")
+        resp = await client.get(
+            stack.runtime_urls["node-0"] + "/models", headers=stack.runtime_headers()
+        )
     return {m["id"]: m["status"]["value"] for m in resp.json()["data"]}
 
 
@@ -363,6 +370,18 @@ async def test_no_web_page_may_read_from_llama_server_or_its_model_processes(mak
                 allowed = resp.headers.get("access-control-allow-origin", "")
                 assert allowed not in ("*", evil["Origin"]), (url, allowed)
                 assert resp.headers.get("access-control-allow-credentials") != "true", url
+        # The router wants its API key on everything but /health; the system sends it.
+        router_url = stack.runtime_urls["node-0"]
+        for path in ("/models", "/v1/models"):
+            assert (await client.get(router_url + path)).status_code == 401, path
+            keyed = await client.get(router_url + path, headers=stack.runtime_headers())
+            assert keyed.status_code == 200, (path, keyed.text)
+        wrong = await client.post(
+            router_url + "/models/load",
+            json={"model": A},
+            headers={"Authorization": "Bearer not-the-key"},
+        )
+        assert wrong.status_code == 401
     await nc.close()
 
 
