@@ -3,7 +3,7 @@ PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test test-cluster test-fast prepare lint clean bench-planner bench-sched bench-overhead bench-gpu
+.PHONY: install run test test-cluster test-fast prepare lint clean bench-planner bench-sched bench-overhead bench-gpu fuzz
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ bench-sched: install  ## scheduling quality on real traces (simulation); CSV + p
 
 bench-overhead: prepare  ## control-plane overhead on the real stack + throughput with a stub runtime
 	$(BIN)/python -m bench.overhead
+
+EVENTS ?= 10000
+fuzz: prepare  ## $(EVENTS) generated and mutated events through the real stack; figures in docs/bench/fuzz.csv
+	$(BIN)/python -m bench.fuzz --events $(EVENTS)
 
 # bench-gpu needs PyTorch (the host->GPU copy rate, the foreign-memory process), which the project
 # does not pin: BENCH_PY is a python that has it and the project's dependencies.

@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 
 import psutil
+from nats.js import JetStreamContext
 
 from domain import footprint
 from domain.state import NodeRecord, Registration
+from events import bus
+from events.codec import Event
 from runtimes.base import Runtime
 from stores.catalog import Catalog
 from stores.fleet import Fleet
@@ -63,6 +66,19 @@ def process_tree_probe(pid: Callable[[], int], capacity_bytes: int) -> MemoryPro
     return probe
 
 
+class TickWaker:
+    """What a node agent wakes the parked requests with when it joins or leaves, under least
+    privilege: a `fleet.tick`, on which the reconcile function wakes the queue's heads (an
+    agent may not read or re-publish other clients' parked requests itself)."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+
+    async def wake_heads(self, trigger: str, models: set[str] | None = None) -> int:
+        await bus.publish(self.js, Event("fleet.tick", {"trigger": trigger}))
+        return 0
+
+
 class NodeAgent:
     def __init__(
         self,
@@ -73,7 +89,7 @@ class NodeAgent:
         probe: MemoryProbe | None = None,
         interval_s: float = 2.0,
         runtime_log: str | None = None,
-        waiting: Waiting | None = None,
+        waiting: Waiting | TickWaker | None = None,
         models_dir: str | None = None,
         gpu: GpuProbe | None = None,
         catalog: Catalog | None = None,

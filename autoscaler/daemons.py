@@ -192,10 +192,9 @@ def _capacity(text: str) -> int:
 
 async def cmd_agent(args: argparse.Namespace) -> int:
     """One node agent beside one runtime (the sidecar of an Ollama pod)."""
-    from agent.node import NodeAgent, nvml_probe
+    from agent.node import NodeAgent, TickWaker, nvml_probe
     from runtimes import make_runtime
     from stores.fleet import Fleet
-    from stores.waiting import Waiting
 
     capacity = _capacity(args.capacity)
     node_id = args.node_id or os.environ.get("POD_NAME") or socket.gethostname()
@@ -211,7 +210,7 @@ async def cmd_agent(args: argparse.Namespace) -> int:
         capacity,
         probe=nvml_probe() if args.capacity == "auto" else None,
         interval_s=args.interval,
-        waiting=Waiting(js),
+        waiting=TickWaker(js),  # reconcile wakes the parked requests on its fleet.tick
         advertise_url=args.advertise_url,
     )
     stop = _stop_on_signals()

@@ -176,6 +176,7 @@ def _function(name: str) -> Permissions:
     if name == "load":
         return (
             base
+            | kv_read(FLEET_BUCKET, watch=True)  # waits for its evictions to finish
             | kv_read(MODELS_BUCKET)
             | kv_write(MODELS_BUCKET, "model.*")  # the measured size of what it loaded
             | node_rw
@@ -195,6 +196,8 @@ def _function(name: str) -> Permissions:
             base
             | kv_read(MODELS_BUCKET)
             | kv_write(MODELS_BUCKET, "model.*")
+            | kv_read(TASKS_BUCKET)
+            | kv_write(TASKS_BUCKET, "pull.>")  # its record of each pull
             | node_rw
             | _pub("ollama.model.pull.progress", "ollama.model.pulled", "ollama.model.pull.failed")
         )
@@ -207,7 +210,7 @@ def _function(name: str) -> Permissions:
             | node_rw
             | waiting_queue()
             | ends
-            | _pub("ollama.model.evict", "ollama.model.evicted")
+            | _pub("ollama.model.load", "ollama.model.evict", "ollama.model.evicted")
         )
     raise ValueError(f"unknown function {name!r}")
 
@@ -227,14 +230,16 @@ def client_permissions(client: str) -> Permissions:
 
 
 def node_permissions(node_id: str) -> Permissions:
-    """A node agent: its own node's record and registration, the catalog, wakes on join."""
+    """A node agent: its own node's record and registration, the catalog (the measured
+    footprints of its models, on a GPU), and a `fleet.tick` when it joins or leaves (the
+    reconcile function then wakes the parked requests: the agent never touches the queue)."""
     check_node_id(node_id)
     return (
         kv_read(FLEET_BUCKET)
         | kv_write(FLEET_BUCKET, f"node.{node_id}", f"reg.{node_id}")
         | kv_read(MODELS_BUCKET)
-        | kv_write(MODELS_BUCKET, "model.*")  # the models its runtime has, measured sizes
-        | waiting_queue()
+        | kv_write(MODELS_BUCKET, "model.*")
+        | _pub("ollama.fleet.tick")
     )
 
 
@@ -255,7 +260,6 @@ def permissions(user: str) -> Permissions:
             | kv_read(FLEET_BUCKET)
             | kv_read(TASKS_BUCKET)
             | _stream_read(WAITING_STREAM)
-            | _stream_read(TOKENS_STREAM)
             | _pub(  # replay of its own chats' tokens: an ordered consumer filtered to them
                 f"{API}.CONSUMER.CREATE.{TOKENS_STREAM}.*.{SUBJECT_PREFIX}.chat.token.ui.*",
                 f"{API}.CONSUMER.INFO.{TOKENS_STREAM}.*",
@@ -271,8 +275,13 @@ def permissions(user: str) -> Permissions:
             | kv_write(CHATS_BUCKET, "chat.>")
             | _sub("ollama.model.>", subject_filter("chat.failed"), f"{DEAD_LETTER_PREFIX}.>")
         )
-    elif user == "bridge":
-        perms = consume(EVENTS_STREAM, BRIDGE_CONSUMER) | _pub(f"{DEAD_LETTER_PREFIX}.bridge")
+    elif user == "bridge":  # and KEDA's /demand: the queue's depth, the fleet's activity
+        perms = (
+            consume(EVENTS_STREAM, BRIDGE_CONSUMER)
+            | _pub(f"{DEAD_LETTER_PREFIX}.bridge")
+            | _stream_read(WAITING_STREAM)
+            | kv_read(FLEET_BUCKET)
+        )
     elif user == "tick":
         perms = _pub("ollama.fleet.tick")
     elif user.startswith(AGENT_PREFIX):

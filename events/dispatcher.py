@@ -26,7 +26,14 @@ from nats.js import JetStreamContext
 from .bus import EVENTS_STREAM, ConsumerSpec
 from .codec import CodecError, Event, decode, to_http_binary
 from .outcome import Done, Outcome, Reject, Retry, from_http
-from .types import CLIENT_EXTENSION, DEAD_LETTER_PREFIX, PER_CLIENT, DeadLetter, client_of
+from .types import (
+    CLIENT_EXTENSION,
+    DEAD_LETTER_PREFIX,
+    PER_CLIENT,
+    DeadLetter,
+    client_of,
+    subject_fits,
+)
 
 log = logging.getLogger("events.dispatcher")
 
@@ -73,6 +80,9 @@ def with_client(event: Event, subject: str) -> Event:
     """The event with its `oaclient` taken from the subject it came on (which the server's
     permissions vouch for), whatever the event said of itself. ValueError for a chat event
     on a subject with no valid client segment."""
+    if not subject_fits(event.type, subject):
+        # The Broker routes by type: a client must not pass a model.pull off as a chat.
+        raise ValueError(f"a {event.type} event on {subject!r}: each type has its own subject")
     client = client_of(subject)
     if client is None and event.type in PER_CLIENT:
         raise ValueError(

@@ -267,6 +267,15 @@ def subject_filter(event_type: str) -> str:
     return subject_for(event_type)
 
 
+def subject_fits(event_type: str, subject: str) -> bool:
+    """Is `subject` where events of this type are published (any client's, for a chat's)?"""
+    if event_type not in PER_CLIENT:
+        return event_type in EVENT_DATA and subject == subject_for(event_type)
+    prefix = f"{SUBJECT_PREFIX}.{event_type}."
+    rest = subject[len(prefix) :] if subject.startswith(prefix) else ""
+    return bool(rest) and rest.count(".") == (1 if event_type == "chat.token" else 0)
+
+
 def client_of(subject: str) -> str | None:
     """The client segment of a chat event's subject (None for other subjects)."""
     parts = subject.split(".")

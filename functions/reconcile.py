@@ -164,6 +164,10 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     for action in await reconcile_waiters(svc, now):
         done.append(action)
         log.info("reconcile %s", action)
-    if freed:
+    # A node agent's tick when it joins or leaves: memory changed, the queue's heads re-plan.
+    trigger = event.data.get("trigger") if isinstance(event.data, dict) else None
+    if isinstance(trigger, str) and trigger.startswith(("join.", "leave.")):
+        await svc.waiting.wake_heads(trigger[:64])
+    elif freed:
         await svc.waiting.wake_heads(f"reconcile.{int(now)}")
     return Done("; ".join(done))

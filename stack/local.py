@@ -33,11 +33,12 @@ import psutil
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from agent.gpu import GpuProbe, NoGpu, Nvml
-from agent.node import NodeAgent, nvml_probe, process_tree_probe
+from agent.node import NodeAgent, TickWaker, nvml_probe, process_tree_probe
 from events import bus
 from events.auth import (
     ADMIN,
     DEFAULT_CLIENT,
+    FUNCTIONS,
     RUNTIME_KEY,
     Credentials,
     agent_user,
@@ -270,9 +271,14 @@ class LocalStack:
         return self.url_for(ADMIN)
 
     def env_for(self, user: str) -> dict[str, str]:
+        """The environment a process of `user` runs with against this stack (its NATS
+        identity; for the functions, also the runtimes' API key)."""
         if self.creds is None:
             return {"NATS_URL": self.nats_url}
-        return self.creds.env(user, self.nats_url)
+        env = self.creds.env(user, self.nats_url)
+        if self.cfg.settings.runtime_api_key and (user in FUNCTIONS or user == "worker"):
+            env["OA_RUNTIME_API_KEY"] = self.cfg.settings.runtime_api_key
+        return env
 
     async def services_as(self, user: str) -> Services:
         """Services on a connection of `user`'s own (closed when the stack stops)."""
@@ -539,8 +545,6 @@ class LocalStack:
             "OA_UNLOAD_TIMEOUT_S": str(self.cfg.settings.unload_timeout_s),
             "OA_PREFETCH": str(self.cfg.settings.prefetch).lower(),
         }
-        if self.cfg.settings.runtime_api_key:
-            env["OA_RUNTIME_API_KEY"] = self.cfg.settings.runtime_api_key
         source = Path(__file__).resolve().parents[1] / "functions" / "entry.py"
         started = []
         for i, name in enumerate(self.cfg.functions):
@@ -641,7 +645,7 @@ class LocalStack:
                 self.cfg.node_memory,
                 probe,
                 runtime_log=str(proc.log_path) if proc else None,
-                waiting=node_svc.waiting,
+                waiting=TickWaker(node_svc.js) if self.creds else node_svc.waiting,
                 models_dir=models_dir,
                 gpu=gpu,
                 catalog=node_svc.catalog if gpu else None,

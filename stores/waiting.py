@@ -4,7 +4,7 @@ A request that cannot be placed is *parked*: its original event (binary-mode hea
 body) is stored as a message on `ollama.waiting.p<rank>.<encoded model>`, its delivery is
 acknowledged, and it is *woken by events* — a lease released, a model evicted or loaded, a
 node joining, a deferral ending — never by redelivery loops. Waking re-publishes the stored
-event on `ollama.chat.requested` (same CloudEvent id, so the same task), under a message id
+event on `ollama.chat.requested.<client>` (same CloudEvent id, so the same task), under a message id
 made of the task and the event that woke it, so concurrent wakers of one waiter send it once.
 
 Order: the rank sorts higher priority first, and within a subject the stream keeps arrival
@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 from events.bus import WAITING_STREAM
 from events.codec import Event, to_binary
 from events.keys import decode_name, encode_name
-from events.types import CLIENT_EXTENSION, SUBJECT_PREFIX, subject_for
+from events.types import CLIENT_EXTENSION, CLIENT_RE, SUBJECT_PREFIX, subject_for
 
 log = logging.getLogger("stores.waiting")
 WAITING_PREFIX = f"{SUBJECT_PREFIX}.waiting"
@@ -160,6 +160,11 @@ class Waiting:
         headers["Nats-Msg-Id"] = f"{waiter.task_id}.wake.{waiter.seq}.{trigger}"[:240]
         # Back under its client's name (the parked event kept the one its subject gave it).
         client = headers.get(f"ce-{CLIENT_EXTENSION}", "")
+        if not CLIENT_RE.match(client):  # parked before clients were named: it cannot go back
+            log.warning(
+                "waiter %d (task %s) names no client; not woken", waiter.seq, waiter.task_id
+            )
+            return
         await self.js.publish(
             subject_for("chat.requested", client=client), waiter.body, headers=headers
         )

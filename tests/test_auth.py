@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from agent.node import NodeAgent
+from agent.node import NodeAgent, TickWaker
 from autoscaler.client import ChatSession
 from domain.state import NodeRecord
 from events import auth, bus
@@ -225,6 +225,10 @@ CASES: list[tuple[str, Action, bool]] = [
     ("agent-n1", kv_get("tasks"), False),
     ("agent-n1", pub("ollama.chat.token.alice.c1"), False),
     ("agent-n1", pub("ollama.model.load"), False),
+    ("agent-n1", pub("ollama.fleet.tick"), True),  # how it wakes the queue when it joins
+    ("agent-n1", pub("ollama.chat.requested.alice"), False),
+    ("agent-n1", pub("ollama.waiting.p100.x"), False),
+    ("agent-n1", kv_put("fleet", "node.n1x"), False),
     ("agent-n1", consumer("chat"), False),
     ("agent-n1", stream_create(), False),
     # the functions: their own consumer, the subjects and keys they write
@@ -260,8 +264,10 @@ CASES: list[tuple[str, Action, bool]] = [
     ("pull", kv_put("models", "model.x"), True),
     ("pull", pub("ollama.chat.token.alice.c1"), False),
     ("pull", kv_put("tasks", "task.x.y"), False),
+    ("pull", kv_put("tasks", "pull.x.y"), True),  # its records of pulls
     ("reconcile", consumer("reconcile"), True),
     ("reconcile", pub("ollama.model.evict"), True),
+    ("reconcile", pub("ollama.model.load"), True),  # a lost load sent again
     ("reconcile", kv_put("fleet", "reg.n1"), False),
     ("reconcile", pub("ollama.chat.token.alice.c1"), False),
     ("worker", consumer("chat"), True),
@@ -270,7 +276,9 @@ CASES: list[tuple[str, Action, bool]] = [
     ("worker", stream_create(), False),
     ("bridge", consumer("bridge"), True),
     ("bridge", consumer("chat"), False),
-    ("bridge", kv_get("fleet"), False),
+    ("bridge", kv_get("fleet"), True),  # /demand, for KEDA
+    ("bridge", kv_get("tasks"), False),
+    ("bridge", pub("ollama.chat.requested.alice"), False),
     ("tick", pub("ollama.fleet.tick"), True),
     ("tick", pub("ollama.model.load"), False),
     ("tick", kv_get("fleet"), False),
@@ -327,6 +335,22 @@ async def test_a_connection_without_credentials_is_refused_with_a_clear_error(au
         await bus.connect(f"nats://{user_pw}:wrong@{plain}")
 
 
+def test_an_event_on_another_types_subject_is_refused_by_the_dispatcher():
+    """The Broker routes by type: a client must not pass a model.pull off as its chat."""
+    from events.dispatcher import with_client
+    from events.types import CLIENT_EXTENSION
+
+    smuggled = Event("model.pull", {"model": "x", "url": "http://evil.example/x.gguf"})
+    with pytest.raises(ValueError, match="its own subject"):
+        with_client(smuggled, "ollama.chat.requested.alice")
+    chat = Event("chat.requested", {}, extensions={CLIENT_EXTENSION: "bob"})  # it lies
+    assert with_client(chat, "ollama.chat.requested.alice").extensions[CLIENT_EXTENSION] == "alice"
+    with pytest.raises(ValueError, match="client's name"):
+        with_client(chat, "ollama.chat.requested.Alice")
+    tick = Event("fleet.tick", {}, extensions={CLIENT_EXTENSION: "bob"})
+    assert CLIENT_EXTENSION not in with_client(tick, "ollama.fleet.tick").extensions
+
+
 # -- a whole flow under least privilege -----------------------------------------------------------
 @dataclass
 class Fleet:
@@ -353,12 +377,12 @@ async def least_privilege(tmp_path, fake_ollama) -> AsyncIterator[Fleet]:
 
     node = await as_("agent-n1")
     await NodeAgent(
-        node.fleet, "n1", OllamaRuntime(fake_url), 2 * GIB, waiting=node.waiting
+        node.fleet, "n1", OllamaRuntime(fake_url), 2 * GIB, waiting=TickWaker(node.js)
     ).register()
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(entry.dispatcher(await as_(name), name).run(stop))
-        for name in ("chat", "cancel", "load", "evict")
+        for name in ("chat", "cancel", "load", "evict", "reconcile")
     ]
     yield Fleet(admin, stop, tasks, url)
     stop.set()

@@ -251,7 +251,7 @@ async def test_killed_worker_mid_stream_is_redelivered_and_ends_once(make_stack,
             start_new_session=True,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ},
+            env={**os.environ, **stack.env_for("worker")},  # its identity, the runtime's key
         )
 
     first = worker()

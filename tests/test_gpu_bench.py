@@ -117,7 +117,7 @@ async def test_the_llamacpp_adapter_prefetches_the_file_its_router_would_load(tm
 async def test_a_parked_request_warms_its_models_file_on_nodes_that_could_load_it(
     fresh_nats_url, tmp_path
 ):
-    from domain.state import NodeRecord, Slot
+    from domain.state import NodeRecord, Registration, Slot
     from functions.chat import warm_for_parked
     from functions.services import Settings, open_services
 
@@ -164,6 +164,7 @@ async def test_a_parked_request_warms_its_models_file_on_nodes_that_could_load_i
         ]
         for n in nodes:
             await svc.fleet.upsert(n, lambda r: r)
+            await svc.fleet.register(Registration(node_id=n.node_id, runtime=n.runtime, url=n.url))
         assert await warm_for_parked(svc, "m") == 1
         assert asked == ["a"]  # b holds it, c cannot load it
         for t in list(prefetch._running.values()):

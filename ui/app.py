@@ -1,7 +1,7 @@
 """The Panel app: chats, models and a live fleet view, talking to the system through NATS only.
 
 One `UiBus` per server; one `ChatApp` per browser session. Answers are read from the tokens
-stream (a JetStream consumer over `ollama.chat.token.<chat_id>`, from the start), and their end
+stream (a JetStream consumer over `ollama.chat.token.ui.<chat_id>`, from the start), and their end
 from the task record (where the chat function stores it before publishing it), so a page
 reloaded in the middle of an answer replays it and goes on.
 """
