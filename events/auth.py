@@ -156,13 +156,13 @@ def _function(name: str) -> Permissions:
     )
     ends = _pub(subject_filter("chat.completed"), subject_filter("chat.failed"))
     node_rw = kv_write(FLEET_BUCKET, "node.*")
+    tasks_rw = kv_read(TASKS_BUCKET) | kv_write(TASKS_BUCKET, "task.>")
     if name == "chat":
         return (
             base
             | kv_read(FLEET_BUCKET, watch=True)
             | kv_read(MODELS_BUCKET)
-            | kv_read(TASKS_BUCKET)
-            | kv_write(TASKS_BUCKET, "task.>")
+            | tasks_rw
             | node_rw
             | waiting_queue()
             | ends
@@ -205,8 +205,7 @@ def _function(name: str) -> Permissions:
         return (
             base
             | kv_read(MODELS_BUCKET)
-            | kv_read(TASKS_BUCKET)
-            | kv_write(TASKS_BUCKET, "task.>")
+            | tasks_rw
             | node_rw
             | waiting_queue()
             | ends

@@ -177,7 +177,10 @@ class Dispatcher:
         )
         await publish_dead_letter(self.js, record)
         log.warning(
-            "dead-letter consumer=%s subject=%s reason=%s", self.spec.name, msg.subject, reason
+            "dead-letter consumer=%s subject=%s reason=%s",
+            self.spec.name,
+            msg.subject[:200],
+            reason if len(reason) <= 300 else f"{reason[:300]}... ({len(reason)} chars)",
         )
 
     async def _keep_alive(self, msg: Msg) -> None:

@@ -12,6 +12,7 @@ Over HTTP (functions-framework / Knative) they map to 200, 503 + Retry-After, an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,3 +61,20 @@ def from_http(status: int, headers: dict[str, str], body: str) -> Outcome:
     except ValueError:
         delay = 1.0
     return Retry(delay, body or f"HTTP {status}", failure=HEADER_QUEUED not in headers)
+
+
+MAX_REASON_CHARS = 2000
+
+
+def invalid(event_type: str, exc: Any) -> str:
+    """The reason for refusing an event whose data failed validation: each error's place and
+    message, with what was sent cut to a few characters (a 900 KB prompt must not make the
+    reason, the task's error or the end event too big to send)."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err.get("loc", ())) or "data"
+        sent = repr(err.get("input"))
+        sent = sent if len(sent) <= 80 else f"{sent[:77]}..."
+        parts.append(f"{where}: {err.get('msg')} (got {sent})")
+    reason = f"invalid {event_type} data: " + "; ".join(parts)
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."

@@ -16,7 +16,7 @@ import time
 from pydantic import ValidationError
 
 from events.codec import Event
-from events.outcome import Done, Outcome, Reject, Retry
+from events.outcome import Done, Outcome, Reject, Retry, invalid
 from events.types import CLIENT_EXTENSION, ChatCancel
 from stores.tasks import TERMINAL, Conflict
 
@@ -30,7 +30,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     try:
         req = ChatCancel.model_validate(event.data)
     except ValidationError as exc:
-        return Reject(f"invalid chat.cancel data: {exc.errors(include_url=False)}")
+        return Reject(invalid("chat.cancel", exc))
     client = event.extensions.get(CLIENT_EXTENSION)
     if not client:
         return Reject("chat.cancel without its client: publish it on ollama.chat.cancel.<client>")

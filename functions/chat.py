@@ -29,7 +29,7 @@ from domain import planner, state
 from domain.state import NodeRecord, TransitionError
 from events import bus
 from events.codec import Event
-from events.outcome import Done, Outcome, Reject, Retry
+from events.outcome import Done, Outcome, Reject, Retry, invalid
 from events.types import (
     CHAT_ID_RE,
     CLIENT_EXTENSION,
@@ -154,7 +154,7 @@ async def give_up(svc: Services, event: Event, reason: str) -> None:
 async def _reject_invalid(
     svc: Services, event: Event, client: str, exc: ValidationError
 ) -> Outcome:
-    reason = f"invalid chat.requested data: {exc.errors(include_url=False)}"
+    reason = invalid("chat.requested", exc)
     chat_id = event.data.get("chat_id") if isinstance(event.data, dict) else None
     if isinstance(chat_id, str) and CHAT_ID_RE.match(chat_id):
         now = time.time()

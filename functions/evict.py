@@ -15,7 +15,7 @@ from domain import planner, state
 from domain.state import NodeRecord, TransitionError
 from events import bus
 from events.codec import Event
-from events.outcome import Done, Outcome, Reject, Retry
+from events.outcome import Done, Outcome, Reject, Retry, invalid
 from events.types import ModelEvict, ModelEvicted
 from runtimes.base import RuntimeFailure
 
@@ -57,7 +57,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     try:
         req = ModelEvict.model_validate(event.data)
     except ValidationError as exc:
-        return Reject(f"invalid model.evict data: {exc.errors(include_url=False)}")
+        return Reject(invalid("model.evict", exc))
     records = [
         r
         for r, _ in await svc.fleet.nodes()

@@ -19,7 +19,7 @@ from domain import planner, state
 from domain.state import NodeRecord, TransitionError
 from events import bus
 from events.codec import Event
-from events.outcome import Done, Outcome, Reject, Retry
+from events.outcome import Done, Outcome, Reject, Retry, invalid
 from events.types import ModelLoad, ModelLoaded
 from runtimes import RuntimeFailure
 
@@ -62,7 +62,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     try:
         req = ModelLoad.model_validate(event.data)
     except ValidationError as exc:
-        return Reject(f"invalid model.load data: {exc.errors(include_url=False)}")
+        return Reject(invalid("model.load", exc))
     if req.node is None or req.gen is None:
         placed = await _place(svc, req)
         if not isinstance(placed, tuple):

@@ -21,7 +21,7 @@ from domain.state import NodeRecord
 from events import bus
 from events.codec import Event
 from events.keys import encode_name
-from events.outcome import Done, Outcome, Reject
+from events.outcome import Done, Outcome, Reject, invalid
 from events.types import ErrorInfo, ModelPull, ModelPulled, ModelPullFailed, ModelPullProgress
 from runtimes import RuntimeFailure
 from stores.catalog import ModelInfo, estimate_loaded_bytes
@@ -76,7 +76,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     try:
         req = ModelPull.model_validate(event.data)
     except ValidationError as exc:
-        return Reject(f"invalid model.pull data: {exc.errors(include_url=False)}")
+        return Reject(invalid("model.pull", exc))
     key = pull_key(event.source, event.id)
     try:
         seen = await svc.tasks.kv.get(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -144,20 +145,27 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 async def fake_ollama() -> AsyncIterator[tuple[Any, str]]:
     """The WIRE-LEVEL FAKE of Ollama's HTTP API (not Ollama), served by uvicorn on a free port."""
-    import uvicorn
-
     from tests.fakes.ollama import FakeOllama
 
     state = FakeOllama()
+    async with serve_app(state.app(), "fake ollama") as url:
+        yield state, url
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any, what: str) -> AsyncIterator[str]:
+    """An ASGI app served by uvicorn on a free loopback port, for the block: its URL."""
+    import uvicorn
+
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(state.app(), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, what="fake ollama to start")
-    yield state, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    await wait_until(lambda: server.started, what=f"{what} to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from typing import Any
 
 import nats.errors
 import pytest
-import uvicorn
 from nats.js.api import ConsumerConfig, StreamConfig
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
@@ -34,10 +33,9 @@ from events.types import ChatRequested
 from functions import entry
 from functions.services import Services, Settings, open_services
 from runtimes.ollama import OllamaRuntime
-from stack.local import free_port
 from stores.catalog import ModelInfo
 
-from .conftest import TEST_CLIENTS, Collector, start_nats, url_as, wait_until
+from .conftest import TEST_CLIENTS, Collector, serve_app, start_nats, url_as, wait_until
 
 GIB = 1 << 30
 A = "gemma3:270m"  # in the Ollama fake's library
@@ -474,15 +472,8 @@ class Counting:
 @pytest.fixture
 async def counting() -> AsyncIterator[tuple[Counting, str]]:
     target = Counting()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(target.app(), host="127.0.0.1", port=port, log_level="warning")
-    )
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, what="the counting server")
-    yield target, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    async with serve_app(target.app(), "the counting server") as url:
+        yield target, url
 
 
 async def test_a_forged_node_url_is_refused_or_never_called(least_privilege, counting):

@@ -25,7 +25,7 @@ from domain.state import NodeRecord, Registration, Slot
 from events import bus
 from events.codec import Event, to_structured
 from events.dispatcher import MAX_FAILED_DELIVERIES, Dispatcher
-from events.outcome import Done, Retry
+from events.outcome import Done, Reject, Retry
 from events.types import CLIENT_EXTENSION, ChatRequested, ModelEvict, ModelLoad
 from functions import chat as chat_fn
 from functions import entry, evict, load, reconcile
@@ -623,3 +623,18 @@ async def test_cancel_of_a_parked_request_takes_it_out_of_the_queue(world):
     assert rec.state == "failed"
     stop.set()
     await canceller
+
+
+async def test_an_oversized_prompt_is_refused_with_a_short_reason_and_its_client_told(world):
+    """Found by the fuzz run: the reason quoted the whole 900 KB prompt, so the failed end
+    (and the task record) could not be sent; the handler raised until it gave up, and the
+    client never heard why."""
+    events = await Collector().attach(world.svc.nc, "ollama.chat.failed.*")
+    data = {"chat_id": "big1", "model": A, "messages": [{"role": "user", "content": "x" * 900_000}]}
+    ev = Event("chat.requested", data, extensions={CLIENT_EXTENSION: "client"})
+    outcome = await chat_fn.handle(world.svc, ev, 1)
+    assert isinstance(outcome, Reject) and len(outcome.reason) <= 2000, outcome
+    failed = await wait_until(lambda: events.of_type("chat.failed"), what="the client told")
+    error = failed[0].data["error"]
+    assert error["code"] == "invalid_request" and "200000 characters" in error["message"]
+    assert len(error["message"]) <= 2000
