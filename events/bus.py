@@ -170,7 +170,8 @@ async def connect(
             **options,
         )
     )
-    await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+    either: set[asyncio.Future[Any]] = {connecting, refused}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     if not connecting.done():  # the server refused the credentials: stop its retry loop
         connecting.cancel()
         with contextlib.suppress(BaseException):

@@ -504,3 +504,57 @@ async def test_a_forged_node_url_is_refused_or_never_called(least_privilege, cou
     await wait_until(evicted, what="the evict done, at the registered runtime")
     assert target.calls == [], target.calls
     await client.close()
+
+
+async def test_add_client_makes_an_identity_the_running_server_takes_at_once(tmp_path):
+    """`add-client` writes the new client's password and the server's config, and a running
+    nats-server reloads it (SIGHUP): the new client connects and may use its own subjects."""
+    import subprocess
+
+    from stack.local import _bin, free_port
+
+    from .conftest import _wait_port, cli_env, spawn_cli
+
+    state = tmp_path / "state"
+    creds = auth.ensure_credentials(state / "auth", auth.stack_users([], ["client"]))
+    conf = auth.write_server_config(state / "auth", creds)
+    port = free_port()
+    auth.write_env_files(state / "auth", creds, f"nats://127.0.0.1:{port}")
+    proc = subprocess.Popen(
+        [_bin("nats-server"), "-js", "-sd", str(tmp_path / "js"), "-a", "127.0.0.1",
+         "-p", str(port), "-c", str(conf)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_port(port, proc)
+        (state / "pids.json").write_text(
+            json.dumps([{"name": "nats-server", "pgid": proc.pid, "program": "nats-server"}])
+        )
+
+        class Stack:  # what cli_env needs of a stack
+            class cfg:
+                state_dir = state
+
+        cli = await spawn_cli("add-client", "carol", env=cli_env(Stack))
+        out, err = await cli.communicate()
+        assert cli.returncode == 0, err.decode()
+        assert "reloaded" in out.decode()
+        env = auth.read_env_file(state / "auth" / "carol.env")
+        assert (state / "auth" / "carol.env").stat().st_mode & 0o077 == 0
+
+        async def connects() -> Any:
+            with contextlib.suppress(ConnectionError):
+                return await bus.connect(
+                    env["NATS_URL"], user="carol", password=env["NATS_PASSWORD"]
+                )
+
+        carol = await wait_until(connects, timeout=10, what="carol admitted")
+        await carol.publish("ollama.chat.requested.carol", b"{}")
+        await carol.flush()
+        await carol.close()
+        bad = await spawn_cli("add-client", "chat", env=cli_env(Stack))
+        _, err = await bad.communicate()
+        assert bad.returncode == 2 and "component" in err.decode()
+    finally:
+        proc.terminate()
+        proc.wait(10)
