@@ -642,7 +642,7 @@ def use_identity(args: argparse.Namespace) -> None:
             )
         return  # a bus without auth, or credentials from elsewhere
     env = read_env_file(path)
-    os.environ["NATS_USER"], os.environ["NATS_PASSWORD"] = env["NATS_USER"], env["NATS_PASSWORD"]
+    os.environ.update(NATS_USER=env["NATS_USER"], NATS_PASSWORD=env["NATS_PASSWORD"])
 
 
 def main(argv: list[str] | None = None) -> int:
