@@ -19,9 +19,10 @@ import pytest
 from autoscaler.client import chat as plain_chat
 from domain import state
 from events import bus
+from events.auth import ensure_credentials, stack_users
 from stack.local import LocalStack, StackConfig, free_port
 
-from .conftest import Collector, spawn_cli, start_nats, wait_until
+from .conftest import TEST_CLIENTS, TEST_NODES, Collector, spawn_cli, start_nats, wait_until
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = "/usr/bin/chromium"
@@ -346,7 +347,11 @@ async def test_nats_unreachable_shows_a_banner_and_recovers_by_itself(world, tmp
 
     port = free_port()
     nats_port = free_port()
-    server = serve(f"nats://127.0.0.1:{nats_port}", "127.0.0.1", port)
+    # The server that will come up has auth: the UI is given its identity (start_nats keeps
+    # the passwords already in its auth folder).
+    creds = ensure_credentials(tmp_path / "js-auth", stack_users(TEST_NODES, TEST_CLIENTS))
+    ui_url = bus.with_identity(f"nats://127.0.0.1:{nats_port}", "ui", creds.passwords["ui"])
+    server = serve(ui_url, "127.0.0.1", port)
     server.start()
     context = await browser.new_context()
     page = await context.new_page()
