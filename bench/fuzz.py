@@ -279,8 +279,9 @@ def cases(draw: st.DrawFn) -> Case:
 
 
 def draw_cases(n: int, seed_: int) -> list[Case]:
-    """`n` cases from the strategies, reproducibly (hypothesis run with a fixed seed, only
-    generating), with about one in twenty a re-publish of an earlier one."""
+    """`n` cases from the strategies (hypothesis with a fixed seed, only generating: the first
+    cases repeat, but hypothesis adapts as it goes, so the mix of a long run varies a little
+    from run to run), with about one in twenty a re-publish of an earlier one."""
     out: list[Case] = []
 
     @seed(seed_)
