@@ -236,12 +236,7 @@ async def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_add_client(args: argparse.Namespace) -> int:
     """A new client identity for the local stack: its password, the server's config, and
     its env file; a running nats-server reloads the config (SIGHUP) and takes it at once."""
-    from events.auth import (
-        check_new_client,
-        ensure_credentials,
-        write_env_files,
-        write_server_config,
-    )
+    from events.auth import check_new_client, write_identities
 
     try:
         name = check_new_client(args.name)
@@ -256,10 +251,8 @@ def cmd_add_client(args: argparse.Namespace) -> int:
         )
         return 2
     known = json.loads((auth_dir / "credentials.json").read_text())
-    creds = ensure_credentials(auth_dir, [*known, name])
-    write_server_config(auth_dir, creds)
     nats_url = read_env_file(auth_dir / f"{ADMIN}.env")["NATS_URL"]
-    write_env_files(auth_dir, creds, nats_url)
+    write_identities(auth_dir, [*known, name], nats_url)
     reloaded = _reload_nats(state_dir() / "pids.json")
     print(f"client {name!r}: {auth_dir / (name + '.env')}")
     print(f"  it may publish ollama.chat.requested.{name} and ollama.chat.cancel.{name}, and read")
@@ -276,26 +269,18 @@ def cmd_add_client(args: argparse.Namespace) -> int:
 def cmd_auth_config(args: argparse.Namespace) -> int:
     """The NATS identities of a deployment elsewhere (Kubernetes): the server's
     `authorization` block and one env file per identity, in --out (0700/0600)."""
-    from events.auth import (
-        check_new_client,
-        ensure_credentials,
-        stack_users,
-        write_env_files,
-        write_server_config,
-    )
+    from events.auth import check_new_client, stack_users, write_identities
 
     try:
         nodes = [n for n in args.nodes.split(",") if n]
         clients = [check_new_client(c) for c in args.clients.split(",") if c]
         out = Path(args.out)
-        creds = ensure_credentials(out, stack_users(nodes, clients))
+        creds = write_identities(out, stack_users(nodes, clients), args.nats)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    conf = write_server_config(out, creds)
-    write_env_files(out, creds, args.nats)
     print(f"{len(creds.passwords)} identities in {out} (passwords kept if already there)")
-    print(f"  server: include {conf} in nats-server's config (an `authorization` block)")
+    print(f"  server: include {out / 'nats.conf'} in nats-server's config (`authorization`)")
     print(f"  each component: NATS_USER / NATS_PASSWORD from {out}/<user>.env")
     return 0
 

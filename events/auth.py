@@ -2,7 +2,7 @@
 
 Each identity is a NATS user with publish and subscribe permissions that allow exactly the
 subjects it needs, JetStream API calls included (a KV read is a request to
-`$JS.API.DIRECT.GET.KV_<bucket>...`, a KV write is a publish on `$KV.<bucket>.<key>`, a
+`$JS.API.STREAM.MSG.GET.KV_<bucket>`, a KV write is a publish on `$KV.<bucket>.<key>`, a
 consumer fetch a request to `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`, an ack a publish
 on `$JS.ACK.<stream>.<consumer>...`). Replies come on the identity's own inbox prefix
 (`_INBOX_<name>`), so no identity can read another's replies.
@@ -39,6 +39,7 @@ from .bus import (
     TASKS_BUCKET,
     TOKENS_STREAM,
     WAITING_STREAM,
+    inbox_prefix,
 )
 from .keys import check_node_id
 from .types import (
@@ -72,11 +73,6 @@ def check_new_client(name: str) -> str:
     if name in COMPONENTS or name.startswith(AGENT_PREFIX):
         raise ValueError(f"{name!r} is a component's identity; choose another client name")
     return name
-
-
-def inbox_prefix(user: str) -> str:
-    """Where an identity's replies arrive: `_INBOX_<user>` (nats-py's `inbox_prefix`)."""
-    return f"_INBOX_{user}"
 
 
 @dataclass
@@ -359,6 +355,15 @@ def write_env_files(auth_dir: Path, creds: Credentials, nats_url: str) -> None:
             continue
         lines = [f"{k}={v}" for k, v in creds.env(user, nats_url).items()]
         write_private(auth_dir / f"{user}.env", "\n".join(lines) + "\n")
+
+
+def write_identities(auth_dir: Path, users: Iterable[str], nats_url: str) -> Credentials:
+    """Every user's password (kept if already made), the server's `nats.conf` and one
+    `<user>.env` each, all in `auth_dir`: what `up`, `add-client` and `auth-config` write."""
+    creds = ensure_credentials(auth_dir, users)
+    write_server_config(auth_dir, creds)
+    write_env_files(auth_dir, creds, nats_url)
+    return creds
 
 
 def read_env_file(path: Path) -> dict[str, str]:

@@ -107,6 +107,12 @@ LIMITS: dict[str, int] = {
 }
 
 
+def inbox_prefix(user: str) -> str:
+    """Where an identity's replies arrive: `_INBOX_<user>` (nats-py's `inbox_prefix`), the
+    only inbox its permissions let it read."""
+    return f"_INBOX_{user}"
+
+
 def identity_from_env() -> tuple[str | None, str | None]:
     """NATS_USER / NATS_PASSWORD (as the nats CLI reads them); NATS_PASSWORD_FILE for a
     mounted secret."""
@@ -157,7 +163,7 @@ async def connect(
 
     options: dict[str, Any] = {}
     if user:
-        options = {"user": user, "password": password or "", "inbox_prefix": f"_INBOX_{user}"}
+        options = {"user": user, "password": password or "", "inbox_prefix": inbox_prefix(user)}
     connecting = asyncio.ensure_future(
         nats.connect(
             plain_url,

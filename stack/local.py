@@ -42,11 +42,9 @@ from events.auth import (
     RUNTIME_KEY,
     Credentials,
     agent_user,
-    ensure_credentials,
     stack_users,
-    write_env_files,
+    write_identities,
     write_private,
-    write_server_config,
 )
 from events.codec import Event
 from events.dispatcher import Dispatcher
@@ -432,9 +430,8 @@ class LocalStack:
         if self.cfg.auth:
             # Passwords are made once and kept (auth/credentials.json, 0600), so clients keep
             # working across restarts; `<user>.env` files are what a client sources.
-            self.creds = ensure_credentials(
-                self.auth_dir, stack_users(self.node_ids(), (*self.cfg.clients, RUNTIME_KEY))
-            )
+            users = stack_users(self.node_ids(), (*self.cfg.clients, RUNTIME_KEY))
+            self.creds = write_identities(self.auth_dir, users, self.nats_url)
             # llama-server's --api-key: the functions and the agents send it, nothing else has it.
             key_file = self.auth_dir / "runtime.key"
             write_private(key_file, self.creds.passwords[RUNTIME_KEY])
@@ -442,9 +439,7 @@ class LocalStack:
             self.cfg.settings = self.cfg.settings.but(
                 runtime_api_key=self.creds.passwords[RUNTIME_KEY]
             )
-            conf = write_server_config(self.auth_dir, self.creds)
-            write_env_files(self.auth_dir, self.creds, self.nats_url)
-            argv += ["-c", str(conf)]
+            argv += ["-c", str(self.auth_dir / "nats.conf")]
         proc = self._spawn(
             "nats-server",
             argv,
