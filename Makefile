@@ -3,7 +3,7 @@ PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test test-cluster test-fast prepare lint clean bench-planner bench-sched bench-overhead bench-gpu fuzz
+.PHONY: install run test test-cluster test-fast prepare lint clean bench-planner bench-sched bench-overhead bench-gpu fuzz faults
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ bench-overhead: prepare  ## control-plane overhead on the real stack + throughpu
 EVENTS ?= 10000
 fuzz: prepare  ## $(EVENTS) generated and mutated events through the real stack; figures in docs/bench/fuzz.csv
 	$(BIN)/python -m bench.fuzz --events $(EVENTS)
+
+CHATS ?= 200
+faults: prepare  ## $(CHATS) chats under memory pressure while parts are killed, + a 3-server cluster; table in docs/bench/faults.csv
+	$(BIN)/python -m bench.faults --chats $(CHATS)
 
 # bench-gpu needs PyTorch (the host->GPU copy rate, the foreign-memory process), which the project
 # does not pin: BENCH_PY is a python that has it and the project's dependencies.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         node_memory=parse_bytes(args.node_memory),
         nats_port=args.nats_port,
+        nats_servers=args.nats_servers,
         runtime_port=args.runtime_port,
         function_port=args.function_port,
         transport=args.transport,
@@ -290,14 +292,13 @@ def _reload_nats(pids_file: Path) -> bool:
         recorded = json.loads(pids_file.read_text())
     except (OSError, ValueError):
         return False
-    for entry in recorded:
-        if entry.get("name") == "nats-server":
-            try:
+    reloaded = False
+    for entry in recorded:  # every server of a cluster: nats-server, nats-server-1, ...
+        if str(entry.get("name", "")).startswith("nats-server"):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry["pgid"]), signal.SIGHUP)  # nats-server: reload the config
-                return True
-            except ProcessLookupError:
-                return False
-    return False
+                reloaded = True
+    return reloaded
 
 
 # -- status / models / task ----------------------------------------------------------------------
@@ -515,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
         "inprocess: handlers called by the dispatchers",
     )
     up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument(
+        "--nats-servers",
+        type=int,
+        default=1,
+        help="a JetStream cluster of this many nats-servers on loopback, streams replicated "
+        "on all (3 survives the loss of one); default 1",
+    )
     up.add_argument("--runtime-port", type=int, default=8081)
     up.add_argument("--function-port", type=int, default=8090)
     up.add_argument("--state-dir")

@@ -55,9 +55,13 @@ class ChatSession:
         self._subs: list[Any] = []
 
     async def start(self) -> ChatSession:
+        seen: set[tuple[int, int]] = set()
+
         async def on_token(msg: Any) -> None:
             tok = ChatToken.model_validate(decode(msg.headers, msg.data).data)
-            if tok.task_id == self.result.task_id:
+            # A token JetStream did not acknowledge is sent again: the second copy is dropped.
+            if tok.task_id == self.result.task_id and (tok.attempt, tok.seq) not in seen:
+                seen.add((tok.attempt, tok.seq))
                 self.result.tokens.append(tok)
                 if self.on_token:
                     self.on_token(tok)

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -52,6 +56,16 @@ from .types import (
 log = logging.getLogger("events.bus")
 
 DEFAULT_NATS_URL = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+# What a bus that does not answer for a moment raises: no server has the stream's leader yet
+# (a cluster electing one, a restarting server), a request timed out, the connection is
+# reconnecting. Worth waiting out briefly; anything else is not.
+TRANSIENT: tuple[type[Exception], ...] = (
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
 EVENTS_STREAM = "OLLAMA_EVENTS"
 TOKENS_STREAM = "OLLAMA_TOKENS"
 DLQ_STREAM = "OLLAMA_DLQ"
@@ -137,19 +151,31 @@ async def connect(
     (a restarted nats-server is survived); the first connection is checked up front so a
     wrong URL fails fast instead of retrying.
     """
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    if user is None and parts.username:
-        user, password = unquote(parts.username), unquote(parts.password or "")
+    # A comma-separated list names the servers of a cluster (as the nats CLI takes them); a
+    # client connected to one also learns the others from it and fails over.
+    servers = [_split(u) for u in url.split(",") if u.strip()]
+    if user is None:
+        user, password = next(
+            ((unquote(p.username), unquote(p.password or "")) for p in servers if p.username),
+            (None, None),
+        )
     if user is None:
         user, password = identity_from_env()
-    host, port = parts.hostname or "127.0.0.1", parts.port or 4222
-    plain_url = f"{parts.scheme}://{host}:{port}"
+    plain = [f"{p.scheme}://{p.hostname or '127.0.0.1'}:{p.port or 4222}" for p in servers]
+    plain_url = ",".join(plain)
     hint = "is the stack running? start it with `make run`, or pass --nats URL"
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
-        writer.close()
-    except (OSError, TimeoutError) as exc:
-        raise ConnectionError(f"cannot reach NATS at {plain_url} ({exc}); {hint}") from exc
+    reasons = []
+    for p in servers:
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(p.hostname or "127.0.0.1", p.port or 4222), 3
+            )
+            writer.close()
+            break
+        except (OSError, TimeoutError) as exc:
+            reasons.append(str(exc))
+    else:
+        raise ConnectionError(f"cannot reach NATS at {plain_url} ({'; '.join(reasons)}); {hint}")
 
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
@@ -166,7 +192,7 @@ async def connect(
         options = {"user": user, "password": password or "", "inbox_prefix": inbox_prefix(user)}
     connecting = asyncio.ensure_future(
         nats.connect(
-            plain_url,
+            plain,
             name=name,
             connect_timeout=3,
             max_reconnect_attempts=-1,
@@ -200,19 +226,30 @@ async def connect(
 VIOLATIONS: list[str] = []
 
 
+def _split(url: str) -> SplitResult:
+    url = url.strip()
+    return urlsplit(url if "://" in url else f"nats://{url}")
+
+
 def with_identity(url: str, user: str, password: str) -> str:
-    """`url` carrying `user:password@` (what a component is given as its NATS URL)."""
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
-    return f"{parts.scheme}://{netloc}"
+    """`url` (each server of a comma-separated list) carrying `user:password@` (what a
+    component is given as its NATS URL)."""
+    who = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    return ",".join(
+        f"{p.scheme}://{who}@{p.hostname}:{p.port or 4222}" for p in map(_split, url.split(","))
+    )
 
 
 def redact(url: str) -> str:
     """`url` without its password (for logs and error messages)."""
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    if parts.password is None:
-        return url
-    return f"{parts.scheme}://{parts.username}:***@{parts.hostname}:{parts.port}"
+    out = []
+    for part in url.split(","):
+        p = _split(part)
+        if p.password is None:
+            out.append(part)
+        else:
+            out.append(f"{p.scheme}://{p.username}:***@{p.hostname}:{p.port or 4222}")
+    return ",".join(out)
 
 
 def user_of(nc: NATS) -> str:
@@ -378,15 +415,99 @@ def _subject(nc: NATS, event: Event, chat_id: str | None, client: str | None) ->
     return subject_for(event.type, chat_id, client)
 
 
-async def publish_fast(
-    nc: NATS, event: Event, chat_id: str | None = None, client: str | None = None
-) -> None:
-    """Fire-and-forget publish (no JetStream ack wait): used for tokens on the hot path.
+@dataclass
+class Sent:
+    """One message of an AckedStream: what to send again if JetStream did not store it."""
 
-    The OLLAMA_TOKENS stream still captures them for late subscribers.
-    """
-    headers, body = to_binary(event)
-    await nc.publish(_subject(nc, event, chat_id, client), body, headers=headers)
+    subject: str
+    body: bytes
+    headers: dict[str, str]
+    key: str = ""
+    ack: asyncio.Future[bool] | None = None
+
+    @property
+    def stored(self) -> bool:
+        return self.ack is not None and self.ack.done() and self.ack.result()
+
+
+class AckedStream:
+    """Messages on the hot path (tokens) that JetStream must store all of: each goes out at
+    once, with a reply subject on which the stream acknowledges it in the background, so
+    nothing waits per message. `settle` waits for a batch's acknowledgements and sends again,
+    under the same Nats-Msg-Id (JetStream keeps one), those it did not get: a stream whose
+    leader is being elected, or a server that died holding them, drops messages without a
+    word otherwise. A live subscriber may see a re-sent message twice; its id says so."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._inbox = ""
+        self._sub: Any = None
+        self._next = 0
+        self._waiting: dict[str, asyncio.Future[bool]] = {}
+
+    async def _on_ack(self, msg: Any) -> None:
+        fut = self._waiting.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if fut is None or fut.done():
+            return
+        ok = not (msg.headers or {}).get("Status")  # 503: nothing stored it
+        if ok:
+            try:
+                ok = "error" not in json.loads(msg.data or b"{}")
+            except ValueError:
+                ok = False
+        fut.set_result(ok)
+
+    async def _send(self, sent: Sent) -> None:
+        if self._sub is None:
+            self._inbox = self.nc.new_inbox()  # under the identity's own inbox prefix
+            self._sub = await self.nc.subscribe(self._inbox + ".*", cb=self._on_ack)
+        self._waiting.pop(sent.key, None)
+        self._next += 1
+        sent.key = str(self._next)
+        sent.ack = self._waiting[sent.key] = asyncio.get_running_loop().create_future()
+        await self.nc.publish(
+            sent.subject, sent.body, reply=f"{self._inbox}.{sent.key}", headers=sent.headers
+        )
+
+    async def send(
+        self,
+        event: Event,
+        msg_id: str,
+        chat_id: str | None = None,
+        client: str | None = None,
+    ) -> Sent:
+        headers, body = to_binary(event)
+        headers["Nats-Msg-Id"] = msg_id
+        sent = Sent(_subject(self.nc, event, chat_id, client), body, headers)
+        await self._send(sent)
+        return sent
+
+    async def settle(self, batch: list[Sent], wait_s: float) -> int:
+        """Wait until JetStream stored every message of `batch`, sending again those it did
+        not acknowledge, for up to `wait_s`; the number still not stored (0: all are)."""
+        deadline = time.monotonic() + wait_s
+        todo = [s for s in batch if not s.stored]
+        pause = 0.25
+        try:
+            while todo:
+                left = deadline - time.monotonic()
+                pending = [s.ack for s in todo if s.ack is not None and not s.ack.done()]
+                if pending and left > 0:
+                    await asyncio.wait(pending, timeout=min(pause, left))
+                todo = [s for s in todo if not s.stored]
+                if not todo or time.monotonic() >= deadline:
+                    break
+                for s in todo:
+                    await self._send(s)
+                pause = min(2.0, pause * 2)
+            return len(todo)
+        finally:
+            self.forget(batch)
+
+    def forget(self, batch: list[Sent]) -> None:
+        """Stop waiting for these messages' acknowledgements (a run that gave up)."""
+        for s in batch:
+            self._waiting.pop(s.key, None)
 
 
 def bucket(js: JetStreamContext, name: str) -> KeyValue:

@@ -54,6 +54,9 @@ OWNER_RENEW_S = 5.0
 WAKE_EXTENSION = "oawake"  # set on a re-published parked request
 
 
+SAVE_WAIT_S = 10.0  # how long a task write waits out a bus that does not answer
+
+
 class Lost(RuntimeError):
     """Another run took this task over (our claim expired): stop, publish nothing."""
 
@@ -72,14 +75,23 @@ class Run:
 
     async def save(self, **changes: Any) -> None:
         """Apply `changes` to the task by compare-and-set; re-read on conflict. Lost if
-        another run now owns the task."""
+        another run now owns the task. A bus that does not answer for a moment (a cluster
+        electing a new leader, a restarting server) is waited out for up to SAVE_WAIT_S: a
+        write that landed without its answer comes back as a conflict, re-read as ours."""
         async with self.lock:
-            for _ in range(20):
+            waited, pause = 0.0, 0.1
+            for _ in range(40):
                 new = self.rec.model_copy(update={**changes, "updated_at": time.time()})
                 try:
                     self.rev = await self.svc.tasks.update(new, self.rev)
                     self.rec = new
                     return
+                except bus.TRANSIENT as exc:
+                    if waited >= SAVE_WAIT_S:
+                        raise
+                    log.warning("task_id=%s save waits for the bus: %r", self.rec.task_id, exc)
+                    await asyncio.sleep(pause)
+                    waited, pause = waited + pause, min(2.0, pause * 2)
                 except Conflict:
                     got = await self.svc.tasks.get(self.rec.source, self.rec.task_id)
                     if got is None or got.record.owner != self.run_id:
@@ -570,6 +582,12 @@ async def _serve(run: Run, event: Event, req: ChatRequested, info: Any) -> Outco
         keeper.cancel()
 
 
+async def _settle(svc: Services, task_id: str, sent: list[bus.Sent]) -> None:
+    missing = await svc.tokens_out.settle(sent, SAVE_WAIT_S)
+    if missing:
+        log.warning("task_id=%s %d of %d tokens never stored", task_id, missing, len(sent))
+
+
 async def _stream(
     run: Run,
     req: ChatRequested,
@@ -590,22 +608,29 @@ async def _stream(
     pieces.clear()
     t_stream = time.time()
     first_at: float | None = None
+    sent: list[bus.Sent] = []  # every token, until JetStream has stored it
     try:
         async for text in runtime.chat(req.model, messages, req.options.model_dump()):
             if first_at is None:
                 first_at = time.time()
+                # This run's attempt number is stored before its first token goes out: a run
+                # whose save failed streams nothing, so two runs never share an attempt.
+                await running_saved
             token = ChatToken(
                 chat_id=req.chat_id, task_id=task_id, seq=len(pieces), text=text, attempt=runs
             )
-            await bus.publish_fast(
-                svc.nc,
-                Event("chat.token", token.model_dump()),
-                chat_id=req.chat_id,
-                client=run.rec.client,
+            sent.append(
+                await svc.tokens_out.send(
+                    Event("chat.token", token.model_dump()),
+                    msg_id=f"{task_id}.{runs}.{token.seq}",
+                    chat_id=req.chat_id,
+                    client=run.rec.client,
+                )
             )
             pieces.append(text)
     except RuntimeFailure as exc:
         await running_saved  # so the failed state is written after it, never before
+        await _settle(svc, task_id, sent)
         await _release(svc, node_id, req.model, task_id, keep_alive)
         if exc.code == "model_not_loaded" and not pieces and run.rec.runs < 3:
             # The runtime lost the model before answering: reconcile drops the slot; retry.
@@ -613,12 +638,16 @@ async def _stream(
         await _fail(run, exc.code, str(exc), text="".join(pieces))
         return Done("runtime failure reported")
     except BaseException:
+        svc.tokens_out.forget(sent)
         await asyncio.gather(running_saved, return_exceptions=True)
         with contextlib.suppress(Exception):
             await _release(svc, node_id, req.model, task_id, keep_alive)
         raise
     await running_saved
     end = time.time()
+    # The end goes out only once every token before it is stored (a late reader of the
+    # token stream sees the whole answer).
+    await _settle(svc, task_id, sent)
     first_at = first_at or end
     gen_s = max(1e-6, end - first_at)
     stats = ChatStats(

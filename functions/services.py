@@ -74,6 +74,14 @@ class Services:
     # Runs in this process, by (client, task id): set when that client's chat.cancel is heard.
     cancels: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     _cancel_sub: Any = None
+    _tokens_out: bus.AckedStream | None = None
+
+    @property
+    def tokens_out(self) -> bus.AckedStream:
+        """Where this process's runs send their tokens (each stored by JetStream, acked)."""
+        if self._tokens_out is None:
+            self._tokens_out = bus.AckedStream(self.nc)
+        return self._tokens_out
 
     async def listen_for_cancels(self) -> None:
         """Hear every chat.cancel as it is published (core NATS, no consumer), so a run in

@@ -142,6 +142,9 @@ class StackConfig:
     model_bytes: int = GEMMA_BYTES
     chat_model: str | None = CHAT_MODEL  # the instruction-tuned default chat model; None: none
     nats_port: int = 4222  # 0 = any free port (tests)
+    # >1: a JetStream cluster of this many nats-servers on loopback (the first on nats_port,
+    # the others on free ports), every stream and bucket replicated on all of them.
+    nats_servers: int = 1
     runtime_port: int = 8081  # node i listens on runtime_port + i; 0 = any free port
     function_port: int = 8090  # function i listens on function_port + i; 0 = any free port
     transport: str = "http"
@@ -237,7 +240,9 @@ class LocalStack:
         self.svc: Services | None = None
         if cfg.nats_port == 0:
             cfg.nats_port = free_port()
-        self.nats_url = f"nats://127.0.0.1:{cfg.nats_port}"
+        self.nats_ports = [cfg.nats_port] + [free_port() for _ in range(cfg.nats_servers - 1)]
+        # One URL, or a comma-separated list of a cluster's servers (bus.connect takes both).
+        self.nats_url = ",".join(f"nats://127.0.0.1:{p}" for p in self.nats_ports)
         self.runtime_urls: dict[str, str] = {}
         self.runtime_kinds: dict[str, str] = {}  # node_id -> kind, default llamacpp
         self._logs: list[IO[bytes]] = []
@@ -416,17 +421,9 @@ class LocalStack:
         jsdir = self.cfg.state_dir / "jetstream"
         if self.cfg.fresh:
             shutil.rmtree(jsdir, ignore_errors=True)
-        self._check_port(self.cfg.nats_port, "nats")
-        argv = [
-            _bin("nats-server"),
-            "-js",
-            "-sd",
-            str(jsdir),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(self.cfg.nats_port),
-        ]
+        for port in self.nats_ports:
+            self._check_port(port, "nats")
+        conf: list[str] = []
         if self.cfg.auth:
             # Passwords are made once and kept (auth/credentials.json, 0600), so clients keep
             # working across restarts; `<user>.env` files are what a client sources.
@@ -439,15 +436,31 @@ class LocalStack:
             self.cfg.settings = self.cfg.settings.but(
                 runtime_api_key=self.creds.passwords[RUNTIME_KEY]
             )
-            argv += ["-c", str(self.auth_dir / "nats.conf")]
-        proc = self._spawn(
-            "nats-server",
-            argv,
-            self.nats_url,
-            ready=lambda p: self._wait_tcp(p, self.cfg.nats_port),
-        )
-        assert proc.ready is not None
-        await proc.ready(proc)
+            conf = ["-c", str(self.auth_dir / "nats.conf")]
+        cluster = len(self.nats_ports) > 1
+        route_ports = [free_port() for _ in self.nats_ports] if cluster else []
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
+        started = []
+        for i, port in enumerate(self.nats_ports):
+            argv = [_bin("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), *conf]
+            if cluster:  # routes on loopback only: the cluster's servers and nothing else
+                argv += [
+                    "-sd", str(jsdir / f"n{i}"), "-n", f"nats-{i}", "--cluster_name", "oa",
+                    "--cluster", f"nats://127.0.0.1:{route_ports[i]}", "--routes", routes,
+                ]  # fmt: skip
+            else:
+                argv += ["-sd", str(jsdir)]
+            started.append(
+                self._spawn(
+                    "nats-server" if i == 0 else f"nats-server-{i}",
+                    argv,
+                    f"nats://127.0.0.1:{port}",
+                    ready=lambda p, port=port: self._wait_tcp(p, port),
+                )
+            )
+        for proc in started:
+            assert proc.ready is not None
+            await proc.ready(proc)
 
     def write_preset(self, node_dir: Path, gguf: Path, chat_gguf: Path | None) -> Path:
         node_dir.mkdir(parents=True, exist_ok=True)
@@ -603,13 +616,7 @@ class LocalStack:
     async def start_control_plane(self, fn_urls: dict[str, str] | None) -> None:
         settings = self.cfg.settings.but(nats_url=self.nats_url)
         # The stack's own connection is the operator's: it provisions and fills the catalog.
-        self.svc = svc = await open_services(
-            settings,
-            provision=True,
-            ack_wait_s=self.cfg.ack_wait_s,
-            reconfigure=True,
-            nc=await bus.connect(self.admin_url, name="ollama-autoscaler-up"),
-        )
+        self.svc = svc = await self._provision(settings)
         await self.register_catalog(svc.catalog)
         for node_id, url in self.runtime_urls.items():
             proc = next((p for p in self.procs if p.name == f"llama-server-{node_id}"), None)
@@ -656,6 +663,28 @@ class LocalStack:
             self.tasks.append(asyncio.create_task(d.run(self.stop_event)))
         tick_svc = await self.services_as("tick") if self.creds else svc
         self.tasks.append(asyncio.create_task(self._ticker(tick_svc)))
+
+    async def _provision(self, settings: Settings) -> Services:
+        """The operator's Services, once streams and buckets exist. A cluster serves JetStream
+        only once its servers have elected a meta leader: until then, provisioning is retried."""
+        nc = await bus.connect(self.admin_url, name="ollama-autoscaler-up")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return await open_services(
+                    settings,
+                    provision=True,
+                    ack_wait_s=self.cfg.ack_wait_s,
+                    reconfigure=True,
+                    nc=nc,
+                    replicas=self.cfg.nats_servers,
+                )
+            except Exception as exc:
+                if self.cfg.nats_servers == 1 or time.monotonic() > deadline:
+                    await nc.close()
+                    raise
+                log.info("JetStream cluster not ready yet (%s); retrying", exc)
+                await asyncio.sleep(0.5)
 
     def _gpu_probe(self, proc: Proc) -> GpuProbe | None:
         """On a GPU (NVML answers): the node's memory and its models' footprints from NVML."""
