@@ -333,7 +333,17 @@ async def _park(run: Run, event: Event, req: ChatRequested, result: planner.Queu
             datacontenttype=event.datacontenttype,
             extensions={k: v for k, v in event.extensions.items() if k != WAKE_EXTENSION},
         )
-        seq = await svc.waiting.park(plain, req.model, req.priority, run.rec.created_at)
+        waiting = await svc.waiting.count_of(run.rec.client)
+        if waiting >= svc.settings.client_max_waiting:
+            reason = (
+                f"client {run.rec.client!r} already has {waiting} requests waiting (at most "
+                f"{svc.settings.client_max_waiting}); retry once some are served"
+            )
+            await _fail(run, "queue_full", reason)
+            return Reject(reason)
+        seq = await svc.waiting.park(
+            plain, req.model, req.priority, run.rec.created_at, run.rec.client
+        )
     await run.save(
         state="queued", reason=result.reason, owner=None, waiter_seq=seq, wake_at=wake_at
     )
@@ -454,6 +464,15 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     if not isinstance(claimed, Run):
         return claimed
     run = claimed
+    if attempt == 1 and WAKE_EXTENSION not in event.extensions:  # a new request
+        wait_s = svc.over_rate(client, time.time())
+        if wait_s:
+            reason = (
+                f"client {client!r} sends more than {svc.settings.client_rate:g} chats a "
+                f"second (burst {svc.settings.client_burst:g}); retry in {wait_s:.1f} s"
+            )
+            await _fail(run, "rate_limited", reason)
+            return Reject(reason)
     if run.rec.cancel_requested:
         await _fail(run, "cancelled", "cancelled before it started")
         return Done("cancelled")

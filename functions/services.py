@@ -17,6 +17,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.planner import Policy
+from domain.ratelimit import TokenBucket
 from domain.state import NodeRecord, Registration
 from events import bus
 from events.codec import CodecError, decode
@@ -51,6 +52,12 @@ class Settings(BaseSettings):
     load_timeout_s: float = Field(default=300.0, gt=0)
     unload_timeout_s: float = Field(default=60.0, gt=0)
     chars_per_token: float = Field(default=4.0, gt=0)  # prompt-size check before any load
+    # Each client's share: new chats a second (per chat process) with a burst, and requests
+    # waiting at once (fleet-wide). Over either, a request ends with `rate_limited` or
+    # `queue_full` and a dead letter.
+    client_rate: float = Field(default=20.0, ge=0)
+    client_burst: float = Field(default=100.0, ge=1)
+    client_max_waiting: int = Field(default=1000, ge=1)
     prefetch: bool = True  # warm a model's file into the page cache while its load waits
     # The key the node's llama-server was started with (--api-key); never printed.
     runtime_api_key: str | None = Field(default=None, repr=False)
@@ -75,6 +82,16 @@ class Services:
     cancels: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     _cancel_sub: Any = None
     _tokens_out: bus.AckedStream | None = None
+    rates: dict[str, TokenBucket] = field(default_factory=dict)  # by client
+
+    def over_rate(self, client: str, now: float) -> float:
+        """Take one new request of `client`: 0.0 if within its rate, else seconds to wait."""
+        bucket = self.rates.get(client)
+        if bucket is None:
+            bucket = self.rates[client] = TokenBucket(
+                self.settings.client_rate, self.settings.client_burst
+            )
+        return bucket.take(now)
 
     @property
     def tokens_out(self) -> bus.AckedStream:

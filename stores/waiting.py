@@ -1,14 +1,16 @@
 """The parked queue: chat requests that wait for memory, kept in the `OLLAMA_WAITING` stream.
 
 A request that cannot be placed is *parked*: its original event (binary-mode headers and
-body) is stored as a message on `ollama.waiting.p<rank>.<encoded model>`, its delivery is
+body) is stored as a message on `ollama.waiting.p<rank>.<encoded model>.<client>`, its delivery is
 acknowledged, and it is *woken by events* — a lease released, a model evicted or loaded, a
 node joining, a deferral ending — never by redelivery loops. Waking re-publishes the stored
 event on `ollama.chat.requested.<client>` (same CloudEvent id, so the same task), under a message id
 made of the task and the event that woke it, so concurrent wakers of one waiter send it once.
 
 Order: the rank sorts higher priority first, and within a subject the stream keeps arrival
-order, so waiters are served FIFO per model and priority first across models. The stream is on
+order, so waiters are served FIFO per model and client, priority first across models. Every
+client's head is woken, so one client's backlog never stands in front of another's request;
+what one client has waiting is counted from the subjects (one request). The stream is on
 disk: waiters survive restarts of every process. The number of messages in it is the queue
 depth (what KEDA scales the runtime pool on: the `waiting` consumer's pending count).
 """
@@ -39,8 +41,8 @@ def rank(priority: int) -> str:
     return f"p{100 - max(-100, min(100, priority)):03d}"
 
 
-def subject_of(model: str, priority: int) -> str:
-    return f"{WAITING_PREFIX}.{rank(priority)}.{encode_name(model)}"
+def subject_of(model: str, priority: int, client: str) -> str:
+    return f"{WAITING_PREFIX}.{rank(priority)}.{encode_name(model)}.{client}"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Waiting:
         self._waker: asyncio.Task[None] | None = None
         self._next_trigger: str | None = None
 
-    async def park(self, event: Event, model: str, priority: int, since: float) -> int:
+    async def park(self, event: Event, model: str, priority: int, since: float, client: str) -> int:
         """Store the request; returns its sequence (its handle for `remove`)."""
         headers, body = to_binary(event)
         headers |= {
@@ -71,7 +73,7 @@ class Waiting:
             H_SINCE: f"{since:.3f}",
             H_PRIORITY: str(priority),
         }
-        ack = await self.js.publish(subject_of(model, priority), body, headers=headers)
+        ack = await self.js.publish(subject_of(model, priority, client), body, headers=headers)
         return int(ack.seq)
 
     async def remove(self, seq: int | None) -> None:
@@ -96,8 +98,15 @@ class Waiting:
         info = await self.js.stream_info(WAITING_STREAM)
         return int(info.state.messages)
 
+    async def count_of(self, client: str) -> int:
+        """How many requests `client` has waiting (one request to the server)."""
+        info = await self.js.stream_info(
+            WAITING_STREAM, subjects_filter=f"{WAITING_PREFIX}.*.*.{client}"
+        )
+        return sum((info.state.subjects or {}).values())
+
     async def subjects(self) -> dict[str, int]:
-        """Waiters per subject (priority rank and model), in serving order."""
+        """Waiters per subject (priority rank, model and client), in serving order."""
         info = await self.js.stream_info(WAITING_STREAM, subjects_filter=f"{WAITING_PREFIX}.>")
         return dict(sorted((info.state.subjects or {}).items()))
 
@@ -132,7 +141,7 @@ class Waiting:
         return out
 
     async def heads(self) -> list[Waiter]:
-        """The first waiter of every (priority, model), highest priority first."""
+        """The first waiter of every (priority, model, client), highest priority first."""
         out = []
         for subject in await self.subjects():
             head = await self._read(subject)
@@ -188,7 +197,8 @@ class Waiting:
             trigger = self._next_trigger
 
     async def wake_heads(self, trigger: str, models: set[str] | None = None) -> int:
-        """Wake the head of every (priority, model) — or only of `models`. Returns how many."""
+        """Wake the head of every (priority, model, client) — or only of `models`. Returns
+        how many."""
         woken = 0
         if not await self.any():
             return 0
@@ -215,7 +225,10 @@ def _waiter(seq: int, headers: dict[str, str], body: bytes) -> Waiter:
 
 
 def _model_of(subject: str) -> str | None:
+    """The model of `ollama.waiting.p<rank>.<model>[.<client>]` (waiters parked before
+    clients were named have no client segment)."""
+    parts = subject.split(".")
     try:
-        return decode_name(subject.rsplit(".", 1)[-1])
+        return decode_name(parts[3]) if len(parts) >= 4 else None
     except ValueError:
         return None

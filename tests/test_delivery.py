@@ -566,7 +566,8 @@ async def test_reconcile_removes_ghost_waiters_and_wakes_ended_deferrals(world):
         "chat.requested",
         {"chat_id": "g", "model": B, "messages": [{"role": "user", "content": "x"}]},
     )
-    await world.svc.waiting.park(ghost, B, 0, time.time())  # no task: its run never recorded
+    # No task: its run never recorded one.
+    await world.svc.waiting.park(ghost, B, 0, time.time(), "client")
     assert await world.svc.waiting.depth() == 1
     outcome = await reconcile.handle(world.svc, Event("fleet.tick", {}), 1)
     assert "removed ghost waiter" in outcome.note
@@ -638,3 +639,52 @@ async def test_an_oversized_prompt_is_refused_with_a_short_reason_and_its_client
     error = failed[0].data["error"]
     assert error["code"] == "invalid_request" and "200000 characters" in error["message"]
     assert len(error["message"]) <= 2000
+
+
+def _request_of(client: str, model: str, n: int) -> Event:
+    data = {
+        "chat_id": f"{client}{n}",
+        "model": model,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    return Event("chat.requested", data, extensions={CLIENT_EXTENSION: client})
+
+
+async def test_a_client_over_its_rate_is_refused_and_told_while_another_is_served(world):
+    world.svc.settings = world.svc.settings.but(client_rate=0.01, client_burst=2)
+    events = await Collector().attach(world.svc.nc, "ollama.chat.failed.*", "ollama.deadletter.>")
+    outcomes = [await chat_fn.handle(world.svc, _request_of("alice", A, i), 1) for i in range(3)]
+    assert [type(o).__name__ for o in outcomes] == ["Done", "Done", "Reject"], outcomes
+    assert "more than 0.01 chats a second" in outcomes[2].reason
+    failed = await wait_until(lambda: events.of_type("chat.failed"), what="alice told")
+    assert failed[0].data["chat_id"] == "alice2"
+    assert failed[0].data["error"]["code"] == "rate_limited"
+    # Another client has its own share; a redelivery of alice's is not a new request.
+    assert isinstance(await chat_fn.handle(world.svc, _request_of("bob", A, 0), 1), Done)
+    redelivered = _request_of("alice", A, 9)
+    assert isinstance(await chat_fn.handle(world.svc, redelivered, 2), Done)
+    got = await world.svc.tasks.get(redelivered.source, redelivered.id)
+    assert got is not None and got.record.state == "done", got
+
+
+async def test_a_client_s_share_of_the_queue_is_bounded_and_every_client_s_head_is_woken(world):
+    world.svc.settings = world.svc.settings.but(client_max_waiting=2)
+    await load.handle(world.svc, Event("model.load", ModelLoad(model=A).model_dump()), 1)
+    await world.svc.fleet.update(  # A resident and leased: B cannot fit while the test runs
+        "n1", lambda r: state.take_lease(r, A, "long-task", time.time() + 3600)
+    )
+    events = await Collector().attach(world.svc.nc, "ollama.chat.failed.*")
+    outcomes = [await chat_fn.handle(world.svc, _request_of("alice", B, i), 1) for i in range(3)]
+    assert [o.note.split(":")[0] for o in outcomes[:2]] == ["parked", "parked"], outcomes
+    assert (
+        isinstance(outcomes[2], Reject) and "already has 2 requests waiting" in outcomes[2].reason
+    )
+    failed = await wait_until(lambda: events.of_type("chat.failed"), what="alice told")
+    assert failed[0].data["error"]["code"] == "queue_full"
+    bob = await chat_fn.handle(world.svc, _request_of("bob", B, 0), 1)
+    assert bob.note.startswith("parked"), bob
+    assert await world.svc.waiting.count_of("alice") == 2
+    assert await world.svc.waiting.count_of("bob") == 1
+    heads = await world.svc.waiting.heads()  # one per client: bob does not wait behind alice
+    assert sorted(h.headers[f"ce-{CLIENT_EXTENSION}"] for h in heads) == ["alice", "bob"]
+    assert {h.model for h in heads} == {B}
