@@ -9,6 +9,7 @@ a failed load gave its memory back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -111,6 +112,13 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             lambda r: state.mark_ready(r, req.model, load_ms, time.time(), keep_alive, gen=gen),
         )
     except TransitionError as exc:
+        # Nothing books its memory now (its runtime restarted, or it was cancelled): unless
+        # another copy of the model is placed there, unload it rather than leave it unbooked.
+        current, _ = await svc.fleet.get(node_id)
+        if req.model not in current.models:
+            with contextlib.suppress(RuntimeFailure, TimeoutError):
+                await runtime.unload(req.model, svc.settings.unload_timeout_s)
+            return Done(f"loaded, but the slot is gone ({exc}): unloaded again")
         return Done(f"loaded, but the slot is gone: {exc}")
     nbytes = record.models[req.model].bytes
     await bus.publish(

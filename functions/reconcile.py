@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -36,6 +37,9 @@ def _adopt(model: str, nbytes: int, now: float, keep_alive_s: float):  # type: i
     def transition(r: NodeRecord) -> NodeRecord:
         new = r.model_copy(deep=True)
         if model not in new.models:
+            placed = sum(s.bytes for s in new.models.values() if s.state != "evicting")
+            if placed + nbytes > new.capacity_bytes:
+                raise TransitionError(f"{model} does not fit beside what is placed on {r.node_id}")
             new.models[model] = Slot(
                 state="ready",
                 bytes=nbytes,
@@ -116,10 +120,18 @@ async def reconcile_node(svc: Services, record: NodeRecord, now: float) -> list[
             if model not in record.models and status == "loaded":
                 info = await svc.catalog.get(model)
                 nbytes = info.bytes if info else 0
-                await svc.fleet.update(
-                    node_id, _adopt(model, nbytes, now, svc.settings.keep_alive_s)
-                )
-                actions.append(f"adopted {model} loaded outside the planner")
+                try:
+                    await svc.fleet.update(
+                        node_id, _adopt(model, nbytes, now, svc.settings.keep_alive_s)
+                    )
+                    actions.append(f"adopted {model} loaded outside the planner")
+                except TransitionError:
+                    # Its memory is given to others already: booking it would over-commit
+                    # the node, leaving it would hold memory nothing accounts for.
+                    runtime = await svc.runtime_of(record)
+                    with contextlib.suppress(Exception):
+                        await runtime.unload(model, svc.settings.unload_timeout_s)
+                    actions.append(f"unloaded {model}: loaded outside the planner, no room")
     return actions
 
 

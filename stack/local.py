@@ -703,11 +703,13 @@ class LocalStack:
         return path
 
     async def _rejoin(self, node_id: str, started_at: float) -> None:
-        """A node's runtime restarted empty: forget its residency, as on a first start (but
-        not loads placed since it started)."""
+        """A node's runtime restarted empty: forget the models it held, as on a first start,
+        but keep every load in flight. A load function whose runtime died under it sends the
+        load again to the new process (the fault suite saw one land 70 ms after the restart):
+        forgetting its slot let the planner give that memory away twice."""
         agent = self.agents.get(node_id)
         if agent is not None:
-            await agent.register(runtime_started_at=started_at)
+            await agent.register(runtime_started_at=0.0)  # every `loading` slot is kept
 
     async def _ticker(self, svc: Services) -> None:
         while not self.stop_event.is_set():

@@ -688,3 +688,24 @@ async def test_a_client_s_share_of_the_queue_is_bounded_and_every_client_s_head_
     heads = await world.svc.waiting.heads()  # one per client: bob does not wait behind alice
     assert sorted(h.headers[f"ce-{CLIENT_EXTENSION}"] for h in heads) == ["alice", "bob"]
     assert {h.model for h in heads} == {B}
+
+
+async def test_a_load_whose_slot_went_while_it_loaded_is_unloaded_again(world):
+    """Found by the fault suite: a router restart forgot a load in flight; the load function
+    sent it again to the new router, found no slot to mark ready and left the model loaded,
+    holding memory the planner had given to others."""
+    world.fake.load_s = 1.0
+    outcome = asyncio.create_task(
+        load.handle(world.svc, Event("model.load", ModelLoad(model=A).model_dump()), 1)
+    )
+
+    async def loading() -> bool:
+        slot = (await world.node()).models.get(A)
+        return slot is not None and slot.load_seen_at is not None
+
+    await wait_until(loading, timeout=10, what="the load in hand")
+    gen = (await world.node()).models[A].gen
+    await world.svc.fleet.update("n1", lambda r: state.remove_gen(r, A, gen, "forgotten"))
+    done = await outcome
+    assert isinstance(done, Done) and "unloaded again" in done.note, done
+    assert A not in world.fake.loaded
