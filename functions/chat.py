@@ -651,9 +651,10 @@ async def _stream(
         await running_saved  # so the failed state is written after it, never before
         await _settle(svc, task_id, sent)
         await _release(svc, node_id, req.model, task_id, keep_alive)
-        if exc.code == "model_not_loaded" and not pieces and run.rec.runs < 3:
-            # The runtime lost the model before answering: reconcile drops the slot; retry.
-            return Retry(1.0, f"runtime lost {req.model}: {exc}")
+        if exc.code in ("model_not_loaded", "interrupted") and not pieces and runs < 3:
+            # The model's process went before the first token (nothing reached the client):
+            # reconcile (or the node's rejoin) drops the slot; the redelivery places it again.
+            return Retry(2.0 * runs, f"runtime lost {req.model}: {exc}")
         await _fail(run, exc.code, str(exc), text="".join(pieces))
         return Done("runtime failure reported")
     except BaseException:

@@ -167,7 +167,9 @@ class LlamaCppRuntime:
     def _refusal(status: int, text: str) -> RuntimeFailure:
         if status == 400 and re.search(r"context|exceed", text, re.I):
             return RuntimeFailure("prompt_too_long", f"llama-server {status}: {text[:300]}")
-        if status in (404, 503) or (status == 400 and "not loaded" in text.lower()):
+        # The router answers 500 "proxy error" when the model's process is gone under it.
+        gone = status >= 500 and "proxy error" in text.lower()
+        if status in (404, 503) or gone or (status == 400 and "not loaded" in text.lower()):
             return RuntimeFailure("model_not_loaded", f"llama-server {status}: {text[:300]}")
         return RuntimeFailure("runtime_error", f"llama-server {status}: {text[:300]}")
 

@@ -322,6 +322,23 @@ async def test_a_stream_cut_short_is_a_failure_with_the_partial_text(world):
     assert (await world.node()).models[A].leases == {}
 
 
+async def test_a_model_process_gone_before_the_first_token_is_retried_not_failed(world):
+    """Found by the fault suite: 19 of 31 chats failed when a model's process died, though
+    none had shown the client a token; they are now placed and served again."""
+    world.fake.cut_after = 0  # the first stream ends before its first token
+    s = await world.session(A, max_tokens=5)
+
+    def chats() -> int:
+        return len([r for r in world.fake.requests if r[0] == "/api/chat"])
+
+    await wait_until(lambda: chats() >= 1, what="the first stream")
+    world.fake.cut_after = None
+    result = await s.wait(60)
+    assert result.end.type == "chat.completed", result.end.data
+    assert result.end.data["stats"]["attempt"] == 2 and chats() == 2
+    assert {t.attempt for t in result.tokens} == {2}
+
+
 async def test_an_unreachable_runtime_fails_the_chat_and_releases_its_lease(world):
     """Defect 9: httpx errors escaped load/evict/chat: blind retries, a lease never released."""
     await world.svc.fleet.update("n1", lambda r: _with_ready(r, A))
