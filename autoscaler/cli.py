@@ -63,6 +63,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         node_memory=parse_bytes(args.node_memory),
         nats_port=args.nats_port,
         nats_servers=args.nats_servers,
+        tls=args.tls,
         runtime_port=args.runtime_port,
         function_port=args.function_port,
         transport=args.transport,
@@ -75,6 +76,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
     if args.models:
         cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     stack = LocalStack(cfg)
+    if cfg.tls:  # this process's own clients (the UI) check the server against the stack's CA
+        os.environ["NATS_CA"] = str(cfg.state_dir / "auth" / "tls" / "ca.pem")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -253,8 +256,9 @@ def cmd_add_client(args: argparse.Namespace) -> int:
         )
         return 2
     known = json.loads((auth_dir / "credentials.json").read_text())
-    nats_url = read_env_file(auth_dir / f"{ADMIN}.env")["NATS_URL"]
-    write_identities(auth_dir, [*known, name], nats_url)
+    admin_env = read_env_file(auth_dir / f"{ADMIN}.env")
+    ca = Path(admin_env["NATS_CA"]) if "NATS_CA" in admin_env else None  # a --tls stack
+    write_identities(auth_dir, [*known, name], admin_env["NATS_URL"], ca)
     reloaded = _reload_nats(state_dir() / "pids.json")
     print(f"client {name!r}: {auth_dir / (name + '.env')}")
     print(f"  it may publish ollama.chat.requested.{name} and ollama.chat.cancel.{name}, and read")
@@ -517,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument(
+        "--tls",
+        action="store_true",
+        help="NATS over TLS with a CA of the stack's own (<state>/auth/tls/ca.pem; clients "
+        "get tls:// URLs and NATS_CA in their env files)",
+    )
+    up.add_argument(
         "--nats-servers",
         type=int,
         default=1,
@@ -636,6 +646,8 @@ def use_identity(args: argparse.Namespace) -> None:
         return  # a bus without auth, or credentials from elsewhere
     env = read_env_file(path)
     os.environ.update(NATS_USER=env["NATS_USER"], NATS_PASSWORD=env["NATS_PASSWORD"])
+    if "NATS_CA" in env and "NATS_CA" not in os.environ:  # a stack started with --tls
+        os.environ["NATS_CA"] = env["NATS_CA"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -295,9 +295,13 @@ class Credentials:
     path: Path
     passwords: dict[str, str]
 
-    def env(self, user: str, nats_url: str) -> dict[str, str]:
-        """The environment a process of `user` connects with (the nats CLI reads it too)."""
-        return {"NATS_URL": nats_url, "NATS_USER": user, "NATS_PASSWORD": self.passwords[user]}
+    def env(self, user: str, nats_url: str, ca: Path | None = None) -> dict[str, str]:
+        """The environment a process of `user` connects with (the nats CLI reads it too);
+        with TLS, the CA it checks the server against."""
+        env = {"NATS_URL": nats_url, "NATS_USER": user, "NATS_PASSWORD": self.passwords[user]}
+        if ca is not None:
+            env["NATS_CA"] = str(ca)
+        return env
 
 
 def write_private(path: Path, text: str) -> None:
@@ -349,20 +353,25 @@ def write_server_config(auth_dir: Path, creds: Credentials, extra: str = "") -> 
     return conf
 
 
-def write_env_files(auth_dir: Path, creds: Credentials, nats_url: str) -> None:
+def write_env_files(
+    auth_dir: Path, creds: Credentials, nats_url: str, ca: Path | None = None
+) -> None:
     for user in creds.passwords:
         if user == RUNTIME_KEY:
             continue
-        lines = [f"{k}={v}" for k, v in creds.env(user, nats_url).items()]
+        lines = [f"{k}={v}" for k, v in creds.env(user, nats_url, ca).items()]
         write_private(auth_dir / f"{user}.env", "\n".join(lines) + "\n")
 
 
-def write_identities(auth_dir: Path, users: Iterable[str], nats_url: str) -> Credentials:
+def write_identities(
+    auth_dir: Path, users: Iterable[str], nats_url: str, ca: Path | None = None
+) -> Credentials:
     """Every user's password (kept if already made), the server's `nats.conf` and one
-    `<user>.env` each, all in `auth_dir`: what `up`, `add-client` and `auth-config` write."""
+    `<user>.env` each (with NATS_CA under TLS), all in `auth_dir`: what `up`, `add-client`
+    and `auth-config` write."""
     creds = ensure_credentials(auth_dir, users)
     write_server_config(auth_dir, creds)
-    write_env_files(auth_dir, creds, nats_url)
+    write_env_files(auth_dir, creds, nats_url, ca)
     return creds
 
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -142,14 +143,16 @@ async def connect(
     name: str = "ollama-autoscaler",
     user: str | None = None,
     password: str | None = None,
+    ca: str | None = None,
 ) -> NATS:
     """Connect, with one clear message when nothing listens at `url`.
 
     The identity is `user`/`password`, else the URL's `user:password@`, else NATS_USER /
-    NATS_PASSWORD. Replies come on the identity's own inbox prefix (`_INBOX_<user>`), the
-    only inbox its permissions let it read. Once connected, the client reconnects forever
-    (a restarted nats-server is survived); the first connection is checked up front so a
-    wrong URL fails fast instead of retrying.
+    NATS_PASSWORD. `tls://` URLs, or a CA file (`ca`, else NATS_CA, as the nats CLI reads it),
+    connect with TLS, verifying the server. Replies come on the identity's own inbox prefix
+    (`_INBOX_<user>`), the only inbox its permissions let it read. Once connected, the client
+    reconnects forever (a restarted nats-server is survived); the first connection is checked
+    up front so a wrong URL fails fast instead of retrying.
     """
     # A comma-separated list names the servers of a cluster (as the nats CLI takes them); a
     # client connected to one also learns the others from it and fails over.
@@ -178,6 +181,7 @@ async def connect(
         raise ConnectionError(f"cannot reach NATS at {plain_url} ({'; '.join(reasons)}); {hint}")
 
     refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+    untrusted: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def on_error(exc: Exception) -> None:
         text = str(exc).lower()
@@ -185,11 +189,17 @@ async def connect(
             VIOLATIONS.append(f"{user or 'no user'}: {exc}")
         elif "authorization violation" in text and not refused.done():
             refused.set_result(exc)  # wrong or missing credentials: retrying cannot help
+        elif _tls_failure(exc) and not untrusted.done() and not connecting.done():
+            untrusted.set_result(exc)  # a server it cannot verify (or TLS it lacks)
         log.warning("nats (%s): %s", user or "no user", exc)
 
     options: dict[str, Any] = {}
     if user:
         options = {"user": user, "password": password or "", "inbox_prefix": inbox_prefix(user)}
+    cafile = ca or os.environ.get("NATS_CA") or None
+    if cafile or any(p.scheme == "tls" for p in servers):
+        # TLS (`up --tls`): the server is checked against NATS_CA (else the system's CAs).
+        options["tls"] = ssl.create_default_context(cafile=cafile)
     connecting = asyncio.ensure_future(
         nats.connect(
             plain,
@@ -202,12 +212,18 @@ async def connect(
             **options,
         )
     )
-    either: set[asyncio.Future[Any]] = {connecting, refused}
+    either: set[asyncio.Future[Any]] = {connecting, refused, untrusted}
     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-    if not connecting.done():  # the server refused the credentials: stop its retry loop
+    if not connecting.done():  # refused or untrusted: stop its retry loop
         connecting.cancel()
         with contextlib.suppress(BaseException):
             await connecting
+        if untrusted.done():
+            raise ConnectionError(
+                f"TLS with NATS at {plain_url} failed ({untrusted.result()!r}): a stack started "
+                "with --tls wants tls:// and its CA in NATS_CA (<state>/auth/tls/ca.pem; the "
+                "env files carry both)"
+            )
         who = f"user {user!r}" if user else "a client with no user"
         raise ConnectionError(
             f"NATS at {plain_url} refused {who} ({refused.result()}): set NATS_USER and "
@@ -224,6 +240,11 @@ async def connect(
 # Permission violations the server reported to this process's connections (newest last):
 # a refused request only times out, so this is how a CLI says what was refused.
 VIOLATIONS: list[str] = []
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, ssl.SSLError) or "tls" in text or "certificate" in text
 
 
 def _split(url: str) -> SplitResult:

@@ -48,6 +48,7 @@ from events.auth import (
 )
 from events.codec import Event
 from events.dispatcher import Dispatcher
+from events.tls import ensure_tls
 from functions.entry import dispatcher
 from functions.services import Services, Settings, open_services
 from runtimes import make_runtime
@@ -145,6 +146,9 @@ class StackConfig:
     # >1: a JetStream cluster of this many nats-servers on loopback (the first on nats_port,
     # the others on free ports), every stream and bucket replicated on all of them.
     nats_servers: int = 1
+    # NATS over TLS: a CA and server certificate of the stack's own (events/tls.py); clients
+    # get `tls://` URLs and NATS_CA. Off by default: every listener is on loopback.
+    tls: bool = False
     runtime_port: int = 8081  # node i listens on runtime_port + i; 0 = any free port
     function_port: int = 8090  # function i listens on function_port + i; 0 = any free port
     transport: str = "http"
@@ -242,7 +246,9 @@ class LocalStack:
             cfg.nats_port = free_port()
         self.nats_ports = [cfg.nats_port] + [free_port() for _ in range(cfg.nats_servers - 1)]
         # One URL, or a comma-separated list of a cluster's servers (bus.connect takes both).
-        self.nats_url = ",".join(f"nats://127.0.0.1:{p}" for p in self.nats_ports)
+        scheme = "tls" if cfg.tls else "nats"
+        self.nats_url = ",".join(f"{scheme}://127.0.0.1:{p}" for p in self.nats_ports)
+        self.ca_file: Path | None = None  # with TLS: the CA clients check the server against
         self.runtime_urls: dict[str, str] = {}
         self.runtime_kinds: dict[str, str] = {}  # node_id -> kind, default llamacpp
         self._logs: list[IO[bytes]] = []
@@ -270,6 +276,11 @@ class LocalStack:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     @property
+    def ca(self) -> str | None:
+        """The CA file a client of this stack's NATS passes to `bus.connect` (None: no TLS)."""
+        return str(self.ca_file) if self.ca_file else None
+
+    @property
     def admin_url(self) -> str:
         return self.url_for(ADMIN)
 
@@ -277,15 +288,18 @@ class LocalStack:
         """The environment a process of `user` runs with against this stack (its NATS
         identity; for the functions, also the runtimes' API key)."""
         if self.creds is None:
-            return {"NATS_URL": self.nats_url}
-        env = self.creds.env(user, self.nats_url)
+            return {
+                "NATS_URL": self.nats_url,
+                **({"NATS_CA": str(self.ca_file)} if self.ca_file else {}),
+            }
+        env = self.creds.env(user, self.nats_url, self.ca_file)
         if self.cfg.settings.runtime_api_key and (user in FUNCTIONS or user == "worker"):
             env["OA_RUNTIME_API_KEY"] = self.cfg.settings.runtime_api_key
         return env
 
     async def services_as(self, user: str) -> Services:
         """Services on a connection of `user`'s own (closed when the stack stops)."""
-        nc = await bus.connect(self.url_for(user), name=f"ollama-autoscaler-{user}")
+        nc = await bus.connect(self.url_for(user), name=f"ollama-autoscaler-{user}", ca=self.ca)
         svc = await open_services(self.cfg.settings.but(nats_url=self.nats_url), nc=nc)
         self.services.append(svc)
         return svc
@@ -424,11 +438,15 @@ class LocalStack:
         for port in self.nats_ports:
             self._check_port(port, "nats")
         conf: list[str] = []
+        if self.cfg.tls:
+            tls = ensure_tls(self.auth_dir / "tls")
+            self.ca_file = tls.ca
+            conf += ["--tls", "--tlscert", str(tls.cert), "--tlskey", str(tls.key)]
         if self.cfg.auth:
             # Passwords are made once and kept (auth/credentials.json, 0600), so clients keep
             # working across restarts; `<user>.env` files are what a client sources.
             users = stack_users(self.node_ids(), (*self.cfg.clients, RUNTIME_KEY))
-            self.creds = write_identities(self.auth_dir, users, self.nats_url)
+            self.creds = write_identities(self.auth_dir, users, self.nats_url, self.ca_file)
             # llama-server's --api-key: the functions and the agents send it, nothing else has it.
             key_file = self.auth_dir / "runtime.key"
             write_private(key_file, self.creds.passwords[RUNTIME_KEY])
@@ -436,7 +454,7 @@ class LocalStack:
             self.cfg.settings = self.cfg.settings.but(
                 runtime_api_key=self.creds.passwords[RUNTIME_KEY]
             )
-            conf = ["-c", str(self.auth_dir / "nats.conf")]
+            conf += ["-c", str(self.auth_dir / "nats.conf")]
         cluster = len(self.nats_ports) > 1
         route_ports = [free_port() for _ in self.nats_ports] if cluster else []
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
@@ -454,7 +472,7 @@ class LocalStack:
                 self._spawn(
                     "nats-server" if i == 0 else f"nats-server-{i}",
                     argv,
-                    f"nats://127.0.0.1:{port}",
+                    f"{'tls' if self.cfg.tls else 'nats'}://127.0.0.1:{port}",
                     ready=lambda p, port=port: self._wait_tcp(p, port),
                 )
             )
@@ -667,7 +685,7 @@ class LocalStack:
     async def _provision(self, settings: Settings) -> Services:
         """The operator's Services, once streams and buckets exist. A cluster serves JetStream
         only once its servers have elected a meta leader: until then, provisioning is retried."""
-        nc = await bus.connect(self.admin_url, name="ollama-autoscaler-up")
+        nc = await bus.connect(self.admin_url, name="ollama-autoscaler-up", ca=self.ca)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -739,6 +757,8 @@ class LocalStack:
 
     def describe(self) -> str:
         lines = ["ollama-autoscaler is up:"]
+        if self.ca_file:
+            lines.append(f"  NATS over TLS: clients check the server against {self.ca_file}")
         for p in self.procs:
             lines.append(f"  {p.name:<26} pid {p.popen.pid:<8} {p.where:<28} log {p.log_path}")
         lines.append(

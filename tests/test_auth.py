@@ -558,3 +558,40 @@ async def test_add_client_makes_an_identity_the_running_server_takes_at_once(tmp
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# -- TLS, as an option ----------------------------------------------------------------------------
+async def test_nats_over_tls_verifies_the_server_and_plain_or_untrusted_clients_fail(tmp_path):
+    import os
+    import stat
+    import subprocess
+
+    from events.tls import ensure_tls
+    from stack.local import _bin, free_port
+
+    from .conftest import _wait_port
+
+    files = ensure_tls(tmp_path / "tls")
+    assert stat.S_IMODE(os.stat(files.key).st_mode) == 0o600
+    assert ensure_tls(tmp_path / "tls").ca.read_bytes() == files.ca.read_bytes()  # kept
+    other = ensure_tls(tmp_path / "other")  # another stack's CA
+    port = free_port()
+    argv = [_bin("nats-server"), "-a", "127.0.0.1", "-p", str(port), "--tls",
+            "--tlscert", str(files.cert), "--tlskey", str(files.key)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        nc = await bus.connect(f"tls://127.0.0.1:{port}", ca=str(files.ca))
+        got = await nc.subscribe("tls.check")
+        await nc.publish("tls.check", b"over tls")
+        assert (await got.next_msg(timeout=5)).data == b"over tls"
+        await nc.close()
+        for url, ca in (
+            (f"tls://127.0.0.1:{port}", str(other.ca)),
+            (f"nats://127.0.0.1:{port}", None),
+        ):
+            with pytest.raises(ConnectionError):  # a server it cannot verify; no TLS at all
+                await asyncio.wait_for(bus.connect(url, ca=ca), 30)
+    finally:
+        proc.terminate()
+        proc.wait(10)

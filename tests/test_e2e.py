@@ -449,3 +449,25 @@ async def test_ctrl_c_in_the_cli_cancels_the_chat_in_the_system(make_stack):
 
     await wait_until(free, timeout=30, what="the lease released")
     await nc.close()
+
+
+async def test_up_with_tls_serves_a_chat_with_every_component_over_tls(tmp_path):
+    """`up --tls`: nats-server takes only TLS; the functions (their own processes, given
+    NATS_CA), the dispatchers, the agent and a client all verify it against the stack's CA."""
+    cfg = StackConfig(
+        state_dir=tmp_path / "tls-stack", nodes=1, models=(A,), chat_model=None, nats_port=0,
+        runtime_port=0, function_port=0, transport="http", tls=True, tick_s=1.0,
+        settings=Settings(),
+    )  # fmt: skip
+    stack = LocalStack(cfg)
+    await stack.start(progress=False)
+    try:
+        assert stack.nats_url.startswith("tls://") and stack.ca_file is not None
+        env = (cfg.state_dir / "auth" / "client.env").read_text()
+        assert f"NATS_CA={stack.ca_file}" in env and "NATS_URL=tls://" in env
+        nc = await bus.connect(stack.url_for("client"), ca=stack.ca)
+        result = await chat(nc, A, "Hello", timeout=180, max_tokens=4)
+        assert result.end.type == "chat.completed", result.end.data
+        await nc.close()
+    finally:
+        await stack.stop()
