@@ -94,6 +94,10 @@ class Row:
     missed_revisions: int = 0  # revisions gone before the checker read them (none expected)
     violations: int = 0  # permissions violations nats-server logged (none expected)
     injected: str = ""  # what was killed
+    streaming_at_fault: int = 0  # chats of the window streaming when it was injected
+    live_ends: int = 0  # a second terminal event, under another message id, heard live
+    resent_ends: int = 0  # the same end heard live again (same message id: a re-send)
+    peak_held: int = 0  # the most the node's model processes held in a sample (bytes)
     failures: Counter[str] = field(default_factory=Counter)  # chat.failed codes
 
     @property
@@ -106,6 +110,7 @@ class Row:
             and self.overcommit == 0
             and self.held_over == 0
             and self.violations == 0
+            and self.live_ends == 0
             and self.one_end == self.chats
         )
 
@@ -339,6 +344,7 @@ class Observer:
         self.tokens: Counter[str] = Counter()
         self.completed_at: list[float] = []
         self.ended: set[str] = set()
+        self.end_ids: dict[str, list[str]] = defaultdict(list)  # live ends' message ids
 
     async def attach(self, nc: Any) -> None:
         async def on_token(msg: Any) -> None:
@@ -347,6 +353,8 @@ class Observer:
         async def on_end(msg: Any) -> None:
             ev = decode(msg.headers or {}, msg.data)
             self.ended.add(ev.data.get("task_id", ""))
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+            self.end_ids[ev.data.get("task_id", "")].append(msg_id)
             if ev.type == "chat.completed":
                 self.completed_at.append(time.monotonic())
 
@@ -376,6 +384,7 @@ async def window(
     over0, samples0 = len(checker.overcommit), sampler.samples
     held0 = len(sampler.over)
     violations0 = _violations(stack)
+    expired0 = _expired_leases(stack)
     events = _requests(n, rng, models)
     ids = {ev.id for ev in events}
     chats = {ev.data["chat_id"] for ev in events}
@@ -390,6 +399,9 @@ async def window(
         return streaming()
 
     await _wait(ready, timeout=deadline_s)
+    row.streaming_at_fault = sum(1 for c in chats if observer.tokens[c] >= 1) - len(
+        ids & observer.ended
+    )
     t_fault = time.monotonic()
     what = row.injected = await inject(stack, fault)
     log.info("%s: injected (%s) with %d of %d ended", fault, what, len(ids & observer.ended), n)
@@ -401,8 +413,11 @@ async def window(
     after = [t for t in observer.completed_at if t > t_fault]
     row.recover_s = round(after[0] - t_fault, 2) if after else None
     ends = await _ends(svc.js, first_event)
-    await _wait(lambda: _quiet(svc), timeout=60)
-    row.leases_left = await _leases(svc)
+    # Every chat has ended, so no lease should be held: one still held 15 s on (the lease
+    # TTL is 60 s, so reconcile has not expired it yet) is a leak, and so is one reconcile
+    # had to expire during the window.
+    await _wait(lambda: _quiet(svc), timeout=15)
+    row.leases_left = await _leases(svc) + _expired_leases(stack) - expired0
     mine = {t: evs for t, evs in ends.items() if t in ids}
     row.one_end = sum(1 for evs in mine.values() if len(evs) == 1)
     row.duplicated = sum(len(evs) - 1 for evs in mine.values() if len(evs) > 1)
@@ -418,7 +433,11 @@ async def window(
     tokens = await _read_stream(
         svc.js, bus.TOKENS_STREAM, first_token, lambda s: s.startswith("ollama.chat.token.")
     )
-    row.gaps = _gaps([t for t in tokens if t.data.get("task_id") in ids])
+    mine_tokens = [t for t in tokens if t.data.get("task_id") in ids]
+    row.gaps = _gaps(mine_tokens) + _short_answers(mine_tokens, mine)
+    heard = [observer.end_ids[t] for t in ids]
+    row.live_ends = sum(len(set(h)) - 1 for h in heard if h)
+    row.resent_ends = sum(len(h) - len(set(h)) for h in heard)
     if row.gaps:
         seen: dict[tuple[str, int], list[int]] = defaultdict(list)
         for t in tokens:
@@ -432,7 +451,32 @@ async def window(
     row.samples = sampler.samples - samples0
     row.held_over = len(sampler.over) - held0
     row.violations = _violations(stack) - violations0
+    row.peak_held = sampler.peak
     return row
+
+
+def _short_answers(tokens: list[Event], ends: dict[str, list[Event]]) -> int:
+    """Completed chats whose answer's attempt is not all in the token stream: its last
+    tokens missing (a gap `_gaps` cannot see), or none at all."""
+    seqs: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for t in tokens:
+        seqs[t.data["task_id"], int(t.data.get("attempt", 1))].add(t.data["seq"])
+    short = 0
+    for task, evs in ends.items():
+        end = evs[0]
+        if end.type == "chat.completed":
+            stats = end.data["stats"]
+            short += seqs[task, stats["attempt"]] != set(range(stats["tokens"]))
+    return short
+
+
+def _expired_leases(stack: LocalStack) -> int:
+    """Leases reconcile had to expire (their run never released them), from its log."""
+    path = stack.cfg.state_dir / "logs" / "function-reconcile.log"
+    try:
+        return path.read_text(errors="replace").count("expired stale leases")
+    except OSError:
+        return 0
 
 
 def _violations(stack: LocalStack) -> int:
@@ -594,6 +638,15 @@ def report(rows: list[Row], contend: Row | None, seconds: float) -> str:
         lines.append("failed chats by code: " + ", ".join(f"{c} {n}" for c, n in codes.items()))
     missed = sum(r.missed_revisions for r in rows)
     lines.append(f"node-key revisions gone before the checker read them: {missed}")
+    lines.append(
+        "ends a live subscriber heard twice: "
+        f"{sum(r.live_ends for r in rows)} under two message ids, "
+        f"{sum(r.resent_ends for r in rows)} re-sent under the same one (the stream kept one)"
+    )
+    lines.append(
+        "chats streaming when each fault hit: "
+        + ", ".join(f"{r.fault} {r.streaming_at_fault}" for r in rows)
+    )
     refused = sum(r.violations for r in rows)
     lines.append(f"permissions violations logged by nats-server: {refused}")
     if contend is not None:

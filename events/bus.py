@@ -198,8 +198,11 @@ async def connect(
         options = {"user": user, "password": password or "", "inbox_prefix": inbox_prefix(user)}
     cafile = ca or os.environ.get("NATS_CA") or None
     if cafile or any(p.scheme == "tls" for p in servers):
-        # TLS (`up --tls`): the server is checked against NATS_CA (else the system's CAs).
+        # TLS (`up --tls`): the server is checked against NATS_CA (else the system's CAs),
+        # and the handshake comes first, so nothing (the password) is ever sent in plain text
+        # to whatever answers on the port; the server must say `handshake_first` too.
         options["tls"] = ssl.create_default_context(cafile=cafile)
+        options["tls_handshake_first"] = True
     connecting = asyncio.ensure_future(
         nats.connect(
             plain,
@@ -243,8 +246,15 @@ VIOLATIONS: list[str] = []
 
 
 def _tls_failure(exc: BaseException) -> bool:
+    """A first connection that TLS (or its absence) stops: retrying cannot help. A server
+    that says nothing is one waiting for a TLS handshake (`handshake_first`)."""
     text = str(exc).lower()
-    return isinstance(exc, ssl.SSLError) or "tls" in text or "certificate" in text
+    return (
+        isinstance(exc, ssl.SSLError)
+        or "tls" in text
+        or "certificate" in text
+        or "expecting info" in text
+    )
 
 
 def _split(url: str) -> SplitResult:

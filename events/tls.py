@@ -57,6 +57,11 @@ def _cert(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+            critical=False,
+        )
     )
     if ca:
         builder = builder.add_extension(
@@ -95,7 +100,8 @@ def ensure_tls(tls_dir: Path) -> TlsFiles:
     ca = _cert("ollama-autoscaler local CA", ca_key, None, ca_key, ca=True)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _cert("127.0.0.1", key, ca.subject, ca_key, ca=False)
-    write_private(tls_dir / "ca-key.pem", _pem_key(ca_key))
+    # The CA's key is not kept: nothing is signed with it again (a new pair is made if
+    # any file goes).
     write_private(files.key, _pem_key(key))
     files.cert.write_text(cert.public_bytes(serialization.Encoding.PEM).decode())
     files.ca.write_text(ca.public_bytes(serialization.Encoding.PEM).decode())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -54,7 +55,7 @@ OWNER_RENEW_S = 5.0
 WAKE_EXTENSION = "oawake"  # set on a re-published parked request
 
 
-SAVE_WAIT_S = 10.0  # how long a task write waits out a bus that does not answer
+SAVE_WAIT_S = 10.0  # how long a task write waits out a bus that does not answer (< OWNER_TTL_S)
 
 
 class Lost(RuntimeError):
@@ -70,6 +71,7 @@ class Run:
     rev: int
     run_id: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    new: bool = False  # this run created the task: its request is new (counted for the rate)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     pieces: list[str] = field(default_factory=list)  # the answer so far
 
@@ -79,7 +81,7 @@ class Run:
         electing a new leader, a restarting server) is waited out for up to SAVE_WAIT_S: a
         write that landed without its answer comes back as a conflict, re-read as ours."""
         async with self.lock:
-            waited, pause = 0.0, 0.1
+            deadline, pause = time.monotonic() + SAVE_WAIT_S, 0.1
             for _ in range(40):
                 new = self.rec.model_copy(update={**changes, "updated_at": time.time()})
                 try:
@@ -87,11 +89,11 @@ class Run:
                     self.rec = new
                     return
                 except bus.TRANSIENT as exc:
-                    if waited >= SAVE_WAIT_S:
+                    if time.monotonic() + pause >= deadline:
                         raise
                     log.warning("task_id=%s save waits for the bus: %r", self.rec.task_id, exc)
                     await asyncio.sleep(pause)
-                    waited, pause = waited + pause, min(2.0, pause * 2)
+                    pause = min(2.0, pause * 2)
                 except Conflict:
                     got = await self.svc.tasks.get(self.rec.source, self.rec.task_id)
                     if got is None or got.record.owner != self.run_id:
@@ -231,7 +233,7 @@ async def _claim(
                 owner_until=now + OWNER_TTL_S,
             )
             try:
-                return Run(svc, rec, await svc.tasks.create(rec), run_id)
+                return Run(svc, rec, await svc.tasks.create(rec), run_id, new=True)
             except Conflict:
                 continue
         rec = got.record
@@ -464,7 +466,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
     if not isinstance(claimed, Run):
         return claimed
     run = claimed
-    if attempt == 1 and WAKE_EXTENSION not in event.extensions:  # a new request
+    if run.new:  # a new request (not a redelivery, a wake or a re-sent id)
         wait_s = svc.over_rate(client, time.time())
         if wait_s:
             reason = (
@@ -602,7 +604,14 @@ async def _serve(run: Run, event: Event, req: ChatRequested, info: Any) -> Outco
 
 
 async def _settle(svc: Services, task_id: str, sent: list[bus.Sent]) -> None:
-    missing = await svc.tokens_out.settle(sent, SAVE_WAIT_S)
+    """Wait (up to SAVE_WAIT_S) until JetStream stored every token; never raises: the end
+    and the lease's release come after it whatever happens."""
+    try:
+        missing = await svc.tokens_out.settle(sent, SAVE_WAIT_S)
+    except Exception as exc:
+        svc.tokens_out.forget(sent)
+        log.warning("task_id=%s tokens not confirmed stored: %r", task_id, exc)
+        return
     if missing:
         log.warning("task_id=%s %d of %d tokens never stored", task_id, missing, len(sent))
 
@@ -628,6 +637,9 @@ async def _stream(
     t_stream = time.time()
     first_at: float | None = None
     sent: list[bus.Sent] = []  # every token, until JetStream has stored it
+    # Token message ids name the task by source and id: another source's task of the same
+    # id never has its tokens dropped as duplicates.
+    token_ids = f"{task_id}.{hashlib.sha256(run.rec.source.encode()).hexdigest()[:12]}"
     try:
         async for text in runtime.chat(req.model, messages, req.options.model_dump()):
             if first_at is None:
@@ -641,7 +653,7 @@ async def _stream(
             sent.append(
                 await svc.tokens_out.send(
                     Event("chat.token", token.model_dump()),
-                    msg_id=f"{task_id}.{runs}.{token.seq}",
+                    msg_id=f"{token_ids}.{runs}.{token.seq}",
                     chat_id=req.chat_id,
                     client=run.rec.client,
                 )
@@ -651,7 +663,10 @@ async def _stream(
         await running_saved  # so the failed state is written after it, never before
         await _settle(svc, task_id, sent)
         await _release(svc, node_id, req.model, task_id, keep_alive)
-        if exc.code in ("model_not_loaded", "interrupted") and not pieces and runs < 3:
+        # Once for a cut stream (a prompt that kills its process must not do so again and
+        # again), up to twice for a model the runtime says it does not have.
+        retries = 3 if exc.code == "model_not_loaded" else 2 if exc.code == "interrupted" else 0
+        if not pieces and runs < retries:
             # The model's process went before the first token (nothing reached the client):
             # reconcile (or the node's rejoin) drops the slot; the redelivery places it again.
             return Retry(2.0 * runs, f"runtime lost {req.model}: {exc}")

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -437,11 +438,18 @@ class LocalStack:
             shutil.rmtree(jsdir, ignore_errors=True)
         for port in self.nats_ports:
             self._check_port(port, "nats")
-        conf: list[str] = []
+        self.auth_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.auth_dir, 0o700)
+        blocks: list[str] = []  # what every server's own config adds to the users
         if self.cfg.tls:
+            # TLS from the first byte (handshake_first): a client that wants TLS never sends
+            # its password to whatever answers on the port in plain text.
             tls = ensure_tls(self.auth_dir / "tls")
             self.ca_file = tls.ca
-            conf += ["--tls", "--tlscert", str(tls.cert), "--tlskey", str(tls.key)]
+            blocks.append(
+                f"tls {{\n  cert_file: {json.dumps(str(tls.cert))}\n"
+                f"  key_file: {json.dumps(str(tls.key))}\n  handshake_first: true\n}}\n"
+            )
         if self.cfg.auth:
             # Passwords are made once and kept (auth/credentials.json, 0600), so clients keep
             # working across restarts; `<user>.env` files are what a client sources.
@@ -454,20 +462,32 @@ class LocalStack:
             self.cfg.settings = self.cfg.settings.but(
                 runtime_api_key=self.creds.passwords[RUNTIME_KEY]
             )
-            conf += ["-c", str(self.auth_dir / "nats.conf")]
         cluster = len(self.nats_ports) > 1
         route_ports = [free_port() for _ in self.nats_ports] if cluster else []
-        routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
+        # Routes on loopback only, and authenticated: a local process that is no server of
+        # the cluster cannot join it (a route sees every subject, past every permission).
+        route_key = secrets.token_hex(16)
+        routes = json.dumps([f"nats://route:{route_key}@127.0.0.1:{p}" for p in route_ports])
         started = []
         for i, port in enumerate(self.nats_ports):
-            argv = [_bin("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), *conf]
-            if cluster:  # routes on loopback only: the cluster's servers and nothing else
-                argv += [
-                    "-sd", str(jsdir / f"n{i}"), "-n", f"nats-{i}", "--cluster_name", "oa",
-                    "--cluster", f"nats://127.0.0.1:{route_ports[i]}", "--routes", routes,
-                ]  # fmt: skip
-            else:
-                argv += ["-sd", str(jsdir)]
+            argv = [_bin("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port)]
+            argv += ["-sd", str(jsdir / f"n{i}") if cluster else str(jsdir)]
+            own = list(blocks)
+            if cluster:
+                own.append(
+                    f"cluster {{\n  name: oa\n  listen: 127.0.0.1:{route_ports[i]}\n"
+                    f'  authorization {{ user: route, password: "{route_key}" }}\n'
+                    f"  routes: {routes}\n}}\n"
+                )
+            if own:  # the users (nats.conf, rewritten by add-client) plus this server's own
+                conf = self.auth_dir / f"server-{i}.conf"
+                head = ['include "nats.conf"\n'] if self.cfg.auth else []
+                write_private(conf, "".join(head + own))
+                argv += ["-c", str(conf)]
+            elif self.cfg.auth:
+                argv += ["-c", str(self.auth_dir / "nats.conf")]
+            if cluster:
+                argv += ["-n", f"nats-{i}"]
             started.append(
                 self._spawn(
                     "nats-server" if i == 0 else f"nats-server-{i}",

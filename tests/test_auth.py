@@ -561,11 +561,12 @@ async def test_add_client_makes_an_identity_the_running_server_takes_at_once(tmp
 
 
 # -- TLS, as an option ----------------------------------------------------------------------------
-async def test_nats_over_tls_verifies_the_server_and_plain_or_untrusted_clients_fail(tmp_path):
+async def test_nats_over_tls_verifies_the_server_and_never_sends_a_password_in_the_clear(tmp_path):
     import os
     import stat
     import subprocess
 
+    from events.auth import write_private
     from events.tls import ensure_tls
     from stack.local import _bin, free_port
 
@@ -576,9 +577,25 @@ async def test_nats_over_tls_verifies_the_server_and_plain_or_untrusted_clients_
     assert ensure_tls(tmp_path / "tls").ca.read_bytes() == files.ca.read_bytes()  # kept
     other = ensure_tls(tmp_path / "other")  # another stack's CA
     port = free_port()
-    argv = [_bin("nats-server"), "-a", "127.0.0.1", "-p", str(port), "--tls",
-            "--tlscert", str(files.cert), "--tlskey", str(files.key)]  # fmt: skip
+    conf = tmp_path / "server.conf"
+    write_private(
+        conf,
+        f'tls {{ cert_file: "{files.cert}", key_file: "{files.key}", handshake_first: true }}\n',
+    )
+    argv = [_bin("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", str(conf)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    heard: list[bytes] = []
+
+    async def plain_impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b'INFO {"server_id":"x","version":"2.15.1","proto":1,"max_payload":1048576}\r\n'
+        )
+        with contextlib.suppress(Exception):
+            heard.append(await asyncio.wait_for(reader.read(4096), 5))
+        writer.close()
+
+    impostor = await asyncio.start_server(plain_impostor, "127.0.0.1", 0)
+    impostor_port = impostor.sockets[0].getsockname()[1]
     try:
         _wait_port(port, proc)
         nc = await bus.connect(f"tls://127.0.0.1:{port}", ca=str(files.ca))
@@ -587,11 +604,19 @@ async def test_nats_over_tls_verifies_the_server_and_plain_or_untrusted_clients_
         assert (await got.next_msg(timeout=5)).data == b"over tls"
         await nc.close()
         for url, ca in (
-            (f"tls://127.0.0.1:{port}", str(other.ca)),
-            (f"nats://127.0.0.1:{port}", None),
+            (f"tls://127.0.0.1:{port}", str(other.ca)),  # a server it cannot verify
+            (f"nats://127.0.0.1:{port}", None),  # no TLS at all
         ):
-            with pytest.raises(ConnectionError):  # a server it cannot verify; no TLS at all
+            with pytest.raises(ConnectionError):
                 await asyncio.wait_for(bus.connect(url, ca=ca), 30)
+        # Something else answering on the port in plain text never hears the password.
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(
+                bus.connect(f"tls://alice:s3cret@127.0.0.1:{impostor_port}", ca=str(files.ca)),
+                30,
+            )
+        assert heard and not any(b"s3cret" in h or b"CONNECT" in h for h in heard), heard
     finally:
+        impostor.close()
         proc.terminate()
         proc.wait(10)

@@ -42,6 +42,8 @@ def _assert_clean(rows: list[Row]) -> None:
         assert r.overcommit == 0 and r.held_over == 0, r
         assert r.revisions > 0 and r.samples > 0, r  # the checkers did look
         assert r.violations == 0, r
+        assert r.live_ends == 0, r
+        assert r.peak_held > 0, r  # the sampler saw the model processes
 
 
 async def test_every_chat_ends_once_while_each_part_of_the_stack_is_killed(tmp_path):
@@ -49,7 +51,8 @@ async def test_every_chat_ends_once_while_each_part_of_the_stack_is_killed(tmp_p
     print(report(rows, None, 0))
     assert [r.fault for r in rows] == list(LOCAL_FAULTS)
     _assert_clean(rows)
-    # The faults bit: the killed model process and router took answers with them.
+    # The faults bit: they hit answers as they streamed, and took some with them.
+    assert sum(r.streaming_at_fault for r in rows) > 0, rows
     assert sum(r.failed for r in rows) + sum(r.retried for r in rows) > 0, rows
 
 
