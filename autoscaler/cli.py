@@ -77,7 +77,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     stack = LocalStack(cfg)
     if cfg.tls:  # this process's own clients (the UI) check the server against the stack's CA
-        os.environ["NATS_CA"] = str(cfg.state_dir / "auth" / "tls" / "ca.pem")
+        os.environ.update(NATS_CA=str(cfg.state_dir / "auth" / "tls" / "ca.pem"))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -647,7 +647,7 @@ def use_identity(args: argparse.Namespace) -> None:
     env = read_env_file(path)
     os.environ.update(NATS_USER=env["NATS_USER"], NATS_PASSWORD=env["NATS_PASSWORD"])
     if "NATS_CA" in env and "NATS_CA" not in os.environ:  # a stack started with --tls
-        os.environ["NATS_CA"] = env["NATS_CA"]
+        os.environ.update(NATS_CA=env["NATS_CA"])
 
 
 def main(argv: list[str] | None = None) -> int:
