@@ -65,6 +65,7 @@ TRANSIENT: tuple[type[Exception], ...] = (
     nats.errors.TimeoutError,
     nats.errors.ConnectionReconnectingError,
     nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
 )
 
 EVENTS_STREAM = "OLLAMA_EVENTS"

@@ -438,9 +438,21 @@ async def _keep(run: Run, node_id: str, model: str) -> None:
 async def _release(
     svc: Services, node_id: str, model: str, task_id: str, keep_alive: float
 ) -> None:
-    record = await svc.fleet.update(
-        node_id, lambda r: state.release_lease(r, model, task_id, time.time(), keep_alive)
-    )
+    # A bus that does not answer for a moment (a cluster electing a leader) is waited out:
+    # a release given up would hold the model's memory until the lease expired (60 s).
+    deadline, pause = time.monotonic() + SAVE_WAIT_S, 0.1
+    while True:
+        try:
+            record = await svc.fleet.update(
+                node_id, lambda r: state.release_lease(r, model, task_id, time.time(), keep_alive)
+            )
+            break
+        except bus.TRANSIENT as exc:
+            if time.monotonic() + pause >= deadline:
+                raise
+            log.warning("task_id=%s release waits for the bus: %r", task_id, exc)
+            await asyncio.sleep(pause)
+            pause = min(2.0, pause * 2)
     slot = record.models.get(model)
     if slot is None or not slot.leases:
         # The model became evictable (or is gone): a waiter may fit now. In the background,
