@@ -18,6 +18,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import SplitResult, quote, unquote, urlsplit
@@ -445,6 +446,20 @@ def _subject(nc: NATS, event: Event, chat_id: str | None, client: str | None) ->
     if event.type in PER_CLIENT:
         client = client or event.extensions.get(CLIENT_EXTENSION) or user_of(nc) or DEFAULT_CLIENT
     return subject_for(event.type, chat_id, client)
+
+
+async def wait_out[T](call: Callable[[], Awaitable[T]], wait_s: float, what: str) -> T:
+    """`call()`, made again while the bus does not answer (TRANSIENT), for up to `wait_s`."""
+    deadline, pause = time.monotonic() + wait_s, 0.1
+    while True:
+        try:
+            return await call()
+        except TRANSIENT as exc:
+            if time.monotonic() + pause >= deadline:
+                raise
+            log.warning("%s waits for the bus: %r", what, exc)
+            await asyncio.sleep(pause)
+            pause = min(2.0, pause * 2)
 
 
 @dataclass

@@ -81,19 +81,16 @@ class Run:
         electing a new leader, a restarting server) is waited out for up to SAVE_WAIT_S: a
         write that landed without its answer comes back as a conflict, re-read as ours."""
         async with self.lock:
-            deadline, pause = time.monotonic() + SAVE_WAIT_S, 0.1
             for _ in range(40):
                 new = self.rec.model_copy(update={**changes, "updated_at": time.time()})
                 try:
-                    self.rev = await self.svc.tasks.update(new, self.rev)
+                    self.rev = await bus.wait_out(
+                        lambda: self.svc.tasks.update(new, self.rev),  # noqa: B023
+                        SAVE_WAIT_S,
+                        f"task_id={self.rec.task_id} save",
+                    )
                     self.rec = new
                     return
-                except bus.TRANSIENT as exc:
-                    if time.monotonic() + pause >= deadline:
-                        raise
-                    log.warning("task_id=%s save waits for the bus: %r", self.rec.task_id, exc)
-                    await asyncio.sleep(pause)
-                    pause = min(2.0, pause * 2)
                 except Conflict:
                     got = await self.svc.tasks.get(self.rec.source, self.rec.task_id)
                     if got is None or got.record.owner != self.run_id:
@@ -440,19 +437,13 @@ async def _release(
 ) -> None:
     # A bus that does not answer for a moment (a cluster electing a leader) is waited out:
     # a release given up would hold the model's memory until the lease expired (60 s).
-    deadline, pause = time.monotonic() + SAVE_WAIT_S, 0.1
-    while True:
-        try:
-            record = await svc.fleet.update(
-                node_id, lambda r: state.release_lease(r, model, task_id, time.time(), keep_alive)
-            )
-            break
-        except bus.TRANSIENT as exc:
-            if time.monotonic() + pause >= deadline:
-                raise
-            log.warning("task_id=%s release waits for the bus: %r", task_id, exc)
-            await asyncio.sleep(pause)
-            pause = min(2.0, pause * 2)
+    record = await bus.wait_out(
+        lambda: svc.fleet.update(
+            node_id, lambda r: state.release_lease(r, model, task_id, time.time(), keep_alive)
+        ),
+        SAVE_WAIT_S,
+        f"task_id={task_id} release",
+    )
     slot = record.models.get(model)
     if slot is None or not slot.leases:
         # The model became evictable (or is gone): a waiter may fit now. In the background,
