@@ -33,7 +33,7 @@ test-fast: install  ## no llama-server: planner, codec, fleet, Ollama fake, reco
 	$(BIN)/python -m pytest -q -m "not e2e and not cluster_failover"
 
 lint: install  ## ruff on everything, mypy --strict on the pure domain and the stores
-	$(BIN)/python -m ruff check events domain stores runtimes functions agent stack autoscaler ui tests bench
+	$(BIN)/python -m ruff check events gateway domain stores runtimes functions agent stack autoscaler ui tests bench
 	$(BIN)/python -m mypy --strict $(DOMAIN)
 
 clean:

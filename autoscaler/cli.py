@@ -97,7 +97,21 @@ async def cmd_up(args: argparse.Namespace) -> int:
             ui_server.start()
         except (RefusedToServe, OSError) as exc:
             print(f"warning: the UI did not start: {exc}", file=sys.stderr)
+    gateway = None
+    if args.gateway_listen:
+        from gateway.app import serve as serve_gateway
+        from gateway.http import RefusedToServe as GatewayRefused
+
+        try:
+            gateway = await serve_gateway(stack.url_for("gateway"), args.gateway_listen, stack.ca)
+        except (GatewayRefused, OSError, ValueError, TimeoutError) as exc:
+            print(f"warning: the gateway did not start: {exc}", file=sys.stderr)
     print(stack.describe(), flush=True)
+    if gateway is not None:
+        print(
+            f"  {'gateway':<26} in this process  {gateway.url}  (Ollama API; OpenAI API at "
+            f"{gateway.url}/v1; metrics at {gateway.url}/metrics)"
+        )
     if ui_server is not None:
         print(f"  {'ui':<26} in this process  http://{args.ui_host}:{args.ui_port}/")
         print(f"\nopen the UI:  http://{args.ui_host}:{args.ui_port}/", flush=True)
@@ -117,8 +131,18 @@ async def cmd_up(args: argparse.Namespace) -> int:
             f"\n  a new client: {where}ollama-autoscaler add-client NAME",
             flush=True,
         )
+    if gateway is not None:
+        print(
+            f"      curl {gateway.url}/api/chat -d "
+            f'\'{{"model": "{first}", "messages": [{{"role": "user", '
+            f'"content": "Why is the sky blue?"}}]}}\'\n'
+            f"      OLLAMA_HOST={gateway.url} python -c 'import ollama; print(ollama.list())'",
+            flush=True,
+        )
     await stop.wait()
     print("\nstopping ...", flush=True)
+    if gateway is not None:
+        await gateway.stop()
     await stack.stop()
     print("stopped.", flush=True)
     return 0
@@ -144,6 +168,30 @@ async def cmd_ui(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.stop()
+    return 0
+
+
+# -- gateway -------------------------------------------------------------------------------------
+async def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import serve
+    from gateway.http import RefusedToServe
+
+    try:
+        served = await serve(args.nats, args.listen, os.environ.get("NATS_CA"))
+    except (RefusedToServe, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"ollama-autoscaler gateway at {served.url} (Ollama API; OpenAI API at {served.url}/v1; "
+        f"metrics at {served.url}/metrics; NATS {bus.redact(args.nats)})",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await served.stop()
     return 0
 
 
@@ -544,6 +592,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--ui-port", type=int, default=8501, help="the web UI's port (0: no UI)")
     up.add_argument("--ui-host", default="127.0.0.1")
+    up.add_argument(
+        "--gateway-listen",
+        default="127.0.0.1:11434",
+        metavar="HOST:PORT",
+        help="the HTTP gateway (Ollama and OpenAI APIs, /metrics); '' for none "
+        "(default %(default)s)",
+    )
     up.set_defaults(fn=cmd_up)
 
     prep = sub.add_parser(
@@ -564,6 +619,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="listen address (non-loopback needs auth)")
     u.add_argument("--port", type=int, default=8501)
     u.set_defaults(fn=cmd_ui)
+
+    g = sub.add_parser(
+        "gateway", help="the HTTP front door: Ollama's and OpenAI's APIs over the fleet, /metrics"
+    )
+    g.add_argument(
+        "--listen",
+        default="127.0.0.1:11434",
+        metavar="HOST:PORT",
+        help="address to listen on (default %(default)s; a non-loopback one needs API keys: "
+        "OA_GATEWAY_API_KEYS or OA_GATEWAY_API_KEYS_FILE)",
+    )
+    g.set_defaults(fn=cmd_gateway)
 
     add_commands(sub)  # serve, provision, worker, agent, bridge: the cluster's processes
 
@@ -614,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULT_IDENTITY = {
     "chat": DEFAULT_CLIENT,
     "ui": "ui",
+    "gateway": "gateway",
     "status": ADMIN,
     "models": ADMIN,
     "task": ADMIN,

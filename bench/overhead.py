@@ -185,10 +185,16 @@ class StubRuntime:
         return None
 
     async def chat(
-        self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        options: dict[str, Any],
+        usage: dict[str, Any] | None = None,
     ) -> AsyncIterator[str]:
         for word in ("stub ", "tokens ", "only"):
             yield word
+        if usage is not None:
+            usage.update(prompt_tokens=len(messages), done_reason="stop")
 
     async def aclose(self) -> None:
         return None

@@ -14,6 +14,9 @@ Identities:
   worker           all six functions in one process (`ollama-autoscaler worker`)
   agent-<node id>  one per node agent: may write only its own node's record and registration
   ui               the Panel app: a client under its own name, plus the fleet view
+  gateway          the HTTP front door: a client under its own name (every HTTP caller's
+                   chats go under it), the fleet view, model load/evict/pull, and, for its
+                   metrics, every client's ends (chat.completed/failed) and the model events
   bridge, tick     the Knative bridge; the fleet.tick timer
   <client>         a client (`client` by default): may publish its own chat requests and
                    cancels and read only its own tokens and ends (and the model catalog)
@@ -53,7 +56,8 @@ from .types import (
 API = "$JS.API"
 ADMIN = "admin"
 FUNCTIONS = ("chat", "cancel", "load", "evict", "pull", "reconcile")
-COMPONENTS = (ADMIN, *FUNCTIONS, "worker", "ui", "bridge", "tick")
+GATEWAY = "gateway"
+COMPONENTS = (ADMIN, *FUNCTIONS, "worker", "ui", GATEWAY, "bridge", "tick")
 CHATS_BUCKET = "chats"  # the UI's history (ui/history.py)
 # Not a NATS user: the runtime API key (llama-server --api-key) kept beside the passwords.
 RUNTIME_KEY = "runtime-api-key"
@@ -162,7 +166,12 @@ def _function(name: str) -> Permissions:
             | node_rw
             | waiting_queue()
             | ends
-            | _pub(subject_filter("chat.token"), "ollama.model.load", "ollama.model.evict")
+            | _pub(
+                subject_filter("chat.token"),
+                "ollama.model.load",
+                "ollama.model.evict",
+                "ollama.planner.decided",  # core NATS, for the gateway's metrics
+            )
             | _sub(subject_filter("chat.cancel"))
         )
     if name == "cancel":
@@ -269,6 +278,21 @@ def permissions(user: str) -> Permissions:
             | kv_read(CHATS_BUCKET)
             | kv_write(CHATS_BUCKET, "chat.>")
             | _sub("ollama.model.>", subject_filter("chat.failed"), f"{DEAD_LETTER_PREFIX}.>")
+        )
+    elif user == GATEWAY:
+        perms = (
+            client_permissions(GATEWAY)
+            | kv_read(FLEET_BUCKET)
+            | kv_read(TASKS_BUCKET)
+            | _stream_read(WAITING_STREAM)
+            | _pub("ollama.model.load", "ollama.model.evict", "ollama.model.pull")
+            | _sub(
+                "ollama.model.>",
+                "ollama.planner.decided",
+                subject_filter("chat.completed"),
+                subject_filter("chat.failed"),
+                f"{DEAD_LETTER_PREFIX}.>",
+            )
         )
     elif user == "bridge":  # and KEDA's /demand: the queue's depth, the fleet's activity
         perms = (

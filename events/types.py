@@ -103,6 +103,8 @@ class ChatStats(_Data):
     node: str
     model: str
     attempt: int = 1
+    prompt_tokens: int | None = None  # as the runtime counted them, when it says
+    done_reason: str | None = None  # "stop" (the model ended) or "length" (max_tokens)
 
 
 class ChatCompleted(_Data):
@@ -122,6 +124,7 @@ class ChatFailed(_Data):
     task_id: str
     error: ErrorInfo
     text: str = ""  # what was generated before it failed, if anything
+    model: str = ""  # the model asked for ("?" when the request named none readable)
 
 
 class ChatCancel(_Data):
@@ -145,6 +148,14 @@ class ModelLoaded(_Data):
     node: str
     bytes: int
     load_ms: float
+    reason: str = ""  # the load's: chat, manual, ui, api, adopted, ...
+
+
+class ModelLoadFailed(_Data):
+    model: str
+    node: str
+    error: str
+    reason: str = ""
 
 
 class ModelEvict(_Data):
@@ -195,6 +206,18 @@ class ModelPullFailed(_Data):
     error: ErrorInfo
 
 
+class PlannerDecided(_Data):
+    """What a chat's placement decided, and how long the decision took (the fleet reads, the
+    plan and its compare-and-set). Sent on core NATS only (no stream keeps it): for metrics."""
+
+    task_id: str
+    model: str
+    decision: Literal["resident", "load", "evict_and_load", "queue", "reject"]
+    node: str | None = None
+    evicted: list[str] = Field(default_factory=list)
+    decision_ms: float
+
+
 class FleetTick(_Data):
     model_config = ConfigDict(extra="allow")
 
@@ -223,6 +246,7 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     "chat.cancel": ChatCancel,
     "model.load": ModelLoad,
     "model.loaded": ModelLoaded,
+    "model.load.failed": ModelLoadFailed,
     "model.evict": ModelEvict,
     "model.evicted": ModelEvicted,
     "model.pull": ModelPull,
@@ -230,6 +254,7 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     "model.pulled": ModelPulled,
     "model.pull.failed": ModelPullFailed,
     "fleet.tick": FleetTick,
+    "planner.decided": PlannerDecided,
 }
 
 

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from domain import planner, state
 from domain.state import NodeRecord, TransitionError
 from events import bus
-from events.codec import Event
+from events.codec import Event, to_binary
 from events.outcome import Done, Outcome, Reject, Retry, invalid
 from events.types import (
     CHAT_ID_RE,
@@ -41,6 +41,8 @@ from events.types import (
     ChatToken,
     ErrorInfo,
     ModelLoad,
+    PlannerDecided,
+    subject_for,
 )
 from runtimes import RuntimeFailure
 from stores.tasks import TERMINAL, Conflict, TaskRecord, Versioned
@@ -127,6 +129,7 @@ async def _fail(run: Run, code: str, message: str, text: str = "") -> None:
         task_id=rec.task_id,
         error=ErrorInfo(code=code, message=message),
         text=text,
+        model=rec.model,
     ).model_dump()
     await _end(run, "chat.failed", data, state="failed", error={"code": code, "message": message})
     log.info(
@@ -194,6 +197,7 @@ async def _refuse_reused_id(
         chat_id=req.chat_id,
         task_id=event.id,
         error=ErrorInfo(code="duplicate_id", message=reason),
+        model=req.model,
     ).model_dump()
     await bus.publish(
         svc.js, Event("chat.failed", data), msg_id=f"{event.id}.dup.{client}", client=client
@@ -355,10 +359,29 @@ async def _park(run: Run, event: Event, req: ChatRequested, result: planner.Queu
     return Done("parked: " + result.reason)
 
 
+async def _decided(
+    svc: Services, task_id: str, model: str, decision: str, t0: float, **more: Any
+) -> None:
+    """Tell whoever listens (the gateway's metrics) what the placement decided: core NATS,
+    no acknowledgement, nothing waits on it."""
+    data = PlannerDecided(
+        task_id=task_id,
+        model=model,
+        decision=decision,  # type: ignore[arg-type]
+        decision_ms=round((time.perf_counter() - t0) * 1000, 3),
+        **more,
+    )
+    headers, body = to_binary(Event("planner.decided", data.model_dump()))
+    with contextlib.suppress(Exception):  # a metric, never a reason to fail the request
+        await svc.nc.publish(subject_for("planner.decided"), body, headers=headers)
+
+
 async def _acquire(run: Run, event: Event, req: ChatRequested, info: Any) -> Held | Outcome:
     svc, task_id = run.svc, run.rec.task_id
+    t0 = time.perf_counter()
     record = await _lease_ready(svc, req.model, task_id)
     if record is not None:
+        await _decided(svc, task_id, req.model, "resident", t0, node=record.node_id)
         return Held(record, time.time())
     reserved, peers = await asyncio.gather(svc.waiting.models(), svc.waiting.of_model(req.model))
     peers = [w for w in peers if w.task_id != task_id]
@@ -379,10 +402,16 @@ async def _acquire(run: Run, event: Event, req: ChatRequested, info: Any) -> Hel
         reason=f"chat {task_id}",
     )
     if isinstance(result, planner.Reject):
+        await _decided(svc, task_id, req.model, "reject", t0)
         await _fail(run, result.code, result.reason)
         return Reject(result.reason)
     if isinstance(result, planner.Queue):
+        await _decided(svc, task_id, req.model, "queue", t0)
         return await _park(run, event, req, result)
+    decision = "evict_and_load" if result.evict else "load"
+    await _decided(
+        svc, task_id, req.model, decision, t0, node=result.node_id, evicted=list(result.evict)
+    )
     placed_at = time.time()
     record = await evict_for(svc, result)
     gen = record.models[req.model].gen
@@ -637,6 +666,7 @@ async def _stream(
     messages = [m.model_dump() for m in req.messages]
     pieces = run.pieces
     pieces.clear()
+    usage: dict[str, Any] = {}  # what the runtime says of the answer, at its end
     t_stream = time.time()
     first_at: float | None = None
     sent: list[bus.Sent] = []  # every token, until JetStream has stored it
@@ -644,7 +674,7 @@ async def _stream(
     # id never has its tokens dropped as duplicates.
     token_ids = f"{task_id}.{hashlib.sha256(run.rec.source.encode()).hexdigest()[:12]}"
     try:
-        async for text in runtime.chat(req.model, messages, req.options.model_dump()):
+        async for text in runtime.chat(req.model, messages, req.options.model_dump(), usage):
             if first_at is None:
                 first_at = time.time()
                 # This run's attempt number is stored before its first token goes out: a run
@@ -698,6 +728,8 @@ async def _stream(
         node=node_id,
         model=req.model,
         attempt=runs,
+        prompt_tokens=usage.get("prompt_tokens"),
+        done_reason=usage.get("done_reason"),
     )
     timings = {
         "queue_ms": stats.queue_ms,

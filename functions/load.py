@@ -21,7 +21,7 @@ from domain.state import NodeRecord, TransitionError
 from events import bus
 from events.codec import Event
 from events.outcome import Done, Outcome, Reject, Retry, invalid
-from events.types import ModelLoad, ModelLoaded
+from events.types import ModelLoad, ModelLoaded, ModelLoadFailed
 from runtimes import RuntimeFailure
 
 from .evict import evict_for
@@ -102,6 +102,12 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         error = str(exc)
         log.error("load failed model=%s node=%s error=%s", req.model, node_id, error)
         await svc.fleet.update(node_id, lambda r: state.remove_gen(r, req.model, gen, error))
+        failed = ModelLoadFailed(model=req.model, node=node_id, error=error, reason=req.reason)
+        await bus.publish(
+            svc.js,
+            Event("model.load.failed", failed.model_dump()),
+            msg_id=f"load-failed.{node_id}.{gen}",
+        )
         await svc.waiting.wake_heads(f"load-failed.{node_id}.{gen}")
         return Done(f"load failed: {error}")
     load_ms = (time.perf_counter() - t0) * 1000
@@ -126,7 +132,11 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         Event(
             "model.loaded",
             ModelLoaded(
-                model=req.model, node=node_id, bytes=nbytes, load_ms=round(load_ms, 1)
+                model=req.model,
+                node=node_id,
+                bytes=nbytes,
+                load_ms=round(load_ms, 1),
+                reason=req.reason,
             ).model_dump(),
         ),
         msg_id=f"loaded.{node_id}.{gen}",

@@ -56,9 +56,14 @@ class Runtime(Protocol):
         ...
 
     def chat(
-        self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        options: dict[str, Any],
+        usage: dict[str, Any] | None = None,
     ) -> AsyncIterator[str]:
-        """Stream the reply's text pieces."""
+        """Stream the reply's text pieces; at the end, fill `usage` (when given) with what
+        the runtime says of the answer: `prompt_tokens`, `done_reason` ("stop", "length")."""
         ...
 
     async def pull(

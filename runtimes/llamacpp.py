@@ -174,9 +174,19 @@ class LlamaCppRuntime:
         return RuntimeFailure("runtime_error", f"llama-server {status}: {text[:300]}")
 
     async def chat(
-        self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        options: dict[str, Any],
+        usage: dict[str, Any] | None = None,
     ) -> AsyncIterator[str]:
-        body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},  # the prompt's token count, at the end
+        }
+        usage = {} if usage is None else usage
         for ours, theirs in (
             ("temperature", "temperature"),
             ("max_tokens", "max_tokens"),
@@ -204,11 +214,14 @@ class LlamaCppRuntime:
                     chunk = json.loads(payload)
                     if "error" in chunk:
                         raise RuntimeFailure("runtime_error", f"llama-server: {chunk['error']}")
+                    if chunk.get("usage"):
+                        usage["prompt_tokens"] = chunk["usage"].get("prompt_tokens")
                     for choice in chunk.get("choices", []):
                         text = (choice.get("delta") or {}).get("content")
                         if text:
                             yield text
                         if choice.get("finish_reason"):
+                            usage["done_reason"] = choice["finish_reason"]
                             finished = True
         if not finished:
             raise RuntimeFailure(

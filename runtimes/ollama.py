@@ -77,8 +77,13 @@ class OllamaRuntime:
         await poll_until(gone, timeout, interval=0.1, what=f"ollama to unload {model}")
 
     async def chat(
-        self, model: str, messages: list[dict[str, str]], options: dict[str, Any]
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        options: dict[str, Any],
+        usage: dict[str, Any] | None = None,
     ) -> AsyncIterator[str]:
+        usage = {} if usage is None else usage
         opts: dict[str, Any] = {}
         for ours, theirs in (
             ("temperature", "temperature"),
@@ -113,6 +118,8 @@ class OllamaRuntime:
                     if text:
                         yield text
                     if chunk.get("done"):
+                        usage["prompt_tokens"] = chunk.get("prompt_eval_count")
+                        usage["done_reason"] = chunk.get("done_reason")
                         finished = True
                         break
         if not finished:
