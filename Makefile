@@ -3,7 +3,7 @@ PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test test-cluster test-fast prepare lint clean bench-planner bench-sched bench-overhead bench-gpu fuzz faults
+.PHONY: install run test test-cluster test-fast prepare lint clean bench-planner bench-sched bench-overhead bench-dashboard bench-gpu fuzz faults gateway
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ bench-sched: install  ## scheduling quality on real traces (simulation); CSV + p
 
 bench-overhead: prepare  ## control-plane overhead on the real stack + throughput with a stub runtime
 	$(BIN)/python -m bench.overhead
+
+bench-dashboard: prepare  ## real traffic through the gateway, /metrics scraped; the dashboard's panels plotted (docs/bench/dashboard.png)
+	$(BIN)/python -m bench.dashboard
+
+gateway: install  ## the HTTP gateway alone, against a running stack's NATS (make run starts one itself)
+	$(BIN)/ollama-autoscaler gateway
 
 EVENTS ?= 10000
 fuzz: prepare  ## $(EVENTS) generated and mutated events through the real stack; figures in docs/bench/fuzz.csv

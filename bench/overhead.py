@@ -109,6 +109,41 @@ async def _system(nc: Any, prompt: str, max_tokens: int) -> tuple[float, float]:
     return ((first[0] if first else end) - t0) * 1e3, (end - t0) * 1e3
 
 
+async def _gateway(
+    client: httpx.AsyncClient, api: str, prompt: str, max_tokens: int
+) -> tuple[float, float]:
+    """One streamed request through the HTTP gateway (`ollama`: /api/chat NDJSON; `openai`:
+    /v1/chat/completions SSE): time to the first piece of text, and to the end."""
+    messages = [{"role": "user", "content": prompt}]
+    if api == "ollama":
+        path = "/api/chat"
+        body: dict[str, Any] = {
+            "model": MODEL,
+            "messages": messages,
+            "options": {"num_predict": max_tokens, "temperature": 0, "seed": 1},
+        }
+    else:
+        path = "/v1/chat/completions"
+        body = {
+            "model": MODEL,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "seed": 1,
+            "stream": True,
+        }
+    t0 = time.perf_counter()
+    first = None
+    async with client.stream("POST", path, json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"gateway {path}: HTTP {resp.status_code}: {await resp.aread()!r}")
+        async for line in resp.aiter_lines():
+            if first is None and '"content":"' in line and '"content":""' not in line:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return ((first or end) - t0) * 1e3, (end - t0) * 1e3
+
+
 async def latency(
     pairs: int,
     max_tokens: int,
@@ -127,13 +162,21 @@ async def latency(
         )
     )
     await stack.start(progress=True)
+    from gateway.app import serve as serve_gateway
+
+    served = await serve_gateway(stack.url_for("gateway"), "127.0.0.1:0", stack.ca)
+    g_ttft: dict[str, list[float]] = {"ollama": [], "openai": []}
+    g_total: dict[str, list[float]] = {"ollama": [], "openai": []}
     try:
         nc = await bus.connect(stack.admin_url)
         await _system(nc, "warm up", 4)  # loads the model; not measured
         client = httpx.AsyncClient(
             base_url=stack.runtime_urls["node-0"], timeout=120, headers=stack.runtime_headers()
         )
+        gw = httpx.AsyncClient(base_url=served.url, timeout=120)
         await _direct(client, "warm up", 4)
+        for api in g_ttft:
+            await _gateway(gw, api, "warm up", 4)
         a_ttft, a_total, b_ttft, b_total = [], [], [], []
         for i in range(pairs):
             prompt = PROMPTS[i % len(PROMPTS)]
@@ -143,9 +186,15 @@ async def latency(
             t, total = await _system(nc, prompt, max_tokens)
             b_ttft.append(t)
             b_total.append(total)
+            for api in g_ttft:
+                t, total = await _gateway(gw, api, prompt, max_tokens)
+                g_ttft[api].append(t)
+                g_total[api].append(total)
         await client.aclose()
+        await gw.aclose()
         await nc.close()
     finally:
+        await served.stop()
         await stack.stop()
     d_ttft = [b - a for a, b in zip(a_ttft, b_ttft, strict=True)]
     d_total = [b - a for a, b in zip(a_total, b_total, strict=True)]
@@ -161,6 +210,19 @@ async def latency(
     for q in (0.5, 0.95, 0.99):
         row[f"overhead_ttft_p{int(q * 100)}_ms"] = pct(d_ttft, q)
         row[f"overhead_total_p{int(q * 100)}_ms"] = pct(d_total, q)
+    # The gateway: its own figures, and what it adds over the NATS path (paired, same prompt,
+    # same round) and over llama-server directly.
+    for api in g_ttft:
+        row[f"{api}_gw_ttft_p50_ms"] = statistics.median(g_ttft[api])
+        row[f"{api}_gw_total_p50_ms"] = statistics.median(g_total[api])
+        over_nats = [g - b for b, g in zip(b_ttft, g_ttft[api], strict=True)]
+        over_direct = [g - a for a, g in zip(a_ttft, g_ttft[api], strict=True)]
+        for q in (0.5, 0.95, 0.99):
+            row[f"{api}_gw_over_nats_ttft_p{int(q * 100)}_ms"] = pct(over_nats, q)
+        row[f"{api}_gw_over_direct_ttft_p50_ms"] = pct(over_direct, 0.5)
+        row[f"{api}_gw_over_nats_total_p50_ms"] = pct(
+            [g - b for b, g in zip(b_total, g_total[api], strict=True)], 0.5
+        )
     row["direct_dropped_by_llama_server"] = DROPPED["direct"]
     DROPPED["direct"] = 0
     return row
@@ -330,6 +392,17 @@ async def amain(args: argparse.Namespace) -> int:
             f"{row['overhead_total_p50_ms']:.1f} ms; direct requests dropped by llama-server "
             f"and re-sent: {row['direct_dropped_by_llama_server']}"
         )
+        for api, path in (("ollama", "/api/chat"), ("openai", "/v1/chat/completions")):
+            added = row[f"{api}_gw_over_nats_ttft_p50_ms"]
+            print(
+                f"  gateway {path}: TTFT p50 {row[f'{api}_gw_ttft_p50_ms']:.1f} ms; adds over "
+                f"the NATS path p50/p95/p99 {added:.1f} / "
+                f"{row[f'{api}_gw_over_nats_ttft_p95_ms']:.1f} / "
+                f"{row[f'{api}_gw_over_nats_ttft_p99_ms']:.1f} ms (goal <= 5 ms p50: "
+                f"{'met' if added <= 5 else 'MISSED'}); over llama-server directly p50 "
+                f"{row[f'{api}_gw_over_direct_ttft_p50_ms']:.1f} ms; total over NATS p50 "
+                f"{row[f'{api}_gw_over_nats_total_p50_ms']:.1f} ms"
+            )
     with (out / "overhead_latency.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

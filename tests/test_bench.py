@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from bench import planner as bench_planner
 from bench.catalog import load_catalog
 from domain.planner import Candidate, min_cost_cover
+
+from .conftest import ROOT
 
 
 def test_catalog_has_the_real_models():
@@ -124,4 +127,39 @@ def test_overhead_bench_quick_run_on_the_real_stack(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "overhead_latency.csv").open()))
     assert rows[0]["transport"] == "inprocess" and int(rows[0]["pairs"]) == 2
     assert float(rows[0]["system_ttft_p50_ms"]) > 0 and float(rows[0]["direct_ttft_p50_ms"]) > 0
+    # the gateway, paired with the NATS path: both APIs measured
+    assert (
+        float(rows[0]["ollama_gw_ttft_p50_ms"]) > 0 and float(rows[0]["openai_gw_ttft_p50_ms"]) > 0
+    )
+    assert "ollama_gw_over_nats_ttft_p50_ms" in rows[0]
     assert "chats/s" in capsys.readouterr().out
+
+
+def test_the_dashboard_json_is_the_one_its_panels_make():
+    """docs/grafana-dashboard.json is generated from bench.dashboard.PANELS (the plot's
+    panels): the two never drift apart."""
+    from bench import dashboard
+
+    shipped = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    assert shipped == dashboard.grafana_json()
+    assert all(
+        p["targets"] and p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in shipped["panels"]
+    )
+
+
+def test_the_dashboard_plot_evaluates_rates_and_quantiles_as_promql_would():
+    from bench.dashboard import P, evaluate
+
+    h = f"{P}_time_to_first_token_seconds_bucket"
+
+    def scrape(t, counts, total):
+        m = {(h, (("le", le), ("model", "a"))): n for le, n in counts.items()}
+        m[(f"{P}_requests_total", (("model", "a"), ("outcome", "completed")))] = total
+        return (t, m)
+
+    old = scrape(0.0, {"0.1": 0, "1.0": 0, "+Inf": 0}, 10)
+    new = scrape(10.0, {"0.1": 50, "1.0": 100, "+Inf": 100}, 30)
+    assert evaluate(("rate", f"{P}_requests_total", "outcome", 1.0), old, new) == {"completed": 2.0}
+    # half the observations at or under 0.1 s, all under 1 s: the median is 0.1, p75 is halfway
+    assert evaluate(("quantile", h, 0.5), old, new) == {"": pytest.approx(0.1)}
+    assert evaluate(("quantile", h, 0.75), old, new) == {"": pytest.approx(0.55)}
