@@ -24,6 +24,7 @@ COPY agent agent
 COPY stack stack
 COPY autoscaler autoscaler
 COPY ui ui
+COPY gateway gateway
 COPY bench bench
 RUN python -m venv "${VENV}" \
  && "${VENV}/bin/pip" install --quiet -r requirements.lock \

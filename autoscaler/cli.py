@@ -116,10 +116,17 @@ async def cmd_up(args: argparse.Namespace) -> int:
         print(f"  {'ui':<26} in this process  http://{args.ui_host}:{args.ui_port}/")
         print(f"\nopen the UI:  http://{args.ui_host}:{args.ui_port}/", flush=True)
     first = (cfg.chat_model or cfg.models[0]) if cfg.nodes else "MODEL"
+    http_tries = (
+        f'      curl {gateway.url}/api/chat -d \'{{"model": "{first}", "messages": '
+        '[{"role": "user", "content": "Why is the sky blue?"}]}\'\n'
+        f"      OLLAMA_HOST={gateway.url} python -c 'import ollama; print(ollama.list())'\n"
+        if gateway is not None
+        else ""
+    )
     print(
         f"\ntry:  ollama-autoscaler chat --model {first} "
         '"Why is the sky blue?"\n      ollama-autoscaler models\n      ollama-autoscaler status\n'
-        "A child that exits is restarted (see the logs). Ctrl-C stops everything.",
+        f"{http_tries}A child that exits is restarted (see the logs). Ctrl-C stops everything.",
         flush=True,
     )
     if stack.creds is not None:
@@ -129,14 +136,6 @@ async def cmd_up(args: argparse.Namespace) -> int:
             f" (0600).\n  the CLI finds them itself ({where}ollama-autoscaler chat ... runs as "
             f"'{DEFAULT_CLIENT}');\n  the nats CLI: set -a; . {stack.auth_dir}/admin.env; set +a"
             f"\n  a new client: {where}ollama-autoscaler add-client NAME",
-            flush=True,
-        )
-    if gateway is not None:
-        print(
-            f"      curl {gateway.url}/api/chat -d "
-            f'\'{{"model": "{first}", "messages": [{{"role": "user", '
-            f'"content": "Why is the sky blue?"}}]}}\'\n'
-            f"      OLLAMA_HOST={gateway.url} python -c 'import ollama; print(ollama.list())'",
             flush=True,
         )
     await stop.wait()

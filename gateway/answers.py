@@ -52,7 +52,17 @@ def failure_response(api: str, code: str, message: str) -> JSONResponse:
 async def answer(
     request: Request, gw: Gateway, req: ChatRequested, stream: bool, shape: Shape
 ) -> Response:
-    chat = await gw.start_chat(req)
+    try:
+        chat = await gw.start_chat(req)
+    except Exception as exc:  # the bus did not take it (NATS down, the stream full)
+        log.warning("chat.requested not published: %r", exc)
+        return error_response(
+            shape.api,
+            503,
+            f"the fleet's bus did not take the request: {exc!r}",
+            "unavailable",
+            {"Retry-After": "1"},
+        )
     headers = {"X-OA-Task-Id": chat.task_id}
     pieces = chat.pieces().__aiter__()
     gw_metrics = getattr(gw, "metrics", None)

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import nats.errors
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -20,13 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from events.bus import TASKS_BUCKET, values_matching
+from events.bus import TASKS_BUCKET, TRANSIENT, values_matching
 from events.keys import decode_name, encode_name
 from stores.tasks import TaskRecord
 
 from . import ollama_api, openai_api
 from .core import Gateway
-from .http import Guard, check_listen, error_response, load_keys
+from .http import Guard, api_of, check_listen, error_response, load_keys
 from .metrics import FleetMetrics
 
 log = logging.getLogger("gateway")
@@ -106,7 +107,20 @@ def make_app(gateway: Gateway, keys: frozenset[str] = frozenset()) -> Any:
         Route("/v1/models/{model:path}", openai_api.model),
         Route("/metrics", metrics),
     ]
-    app = Starlette(routes=routes)
+
+    async def failed(request: Request, exc: Exception) -> Response:
+        """Anything unforeseen (the bus not answering a read): an error in the API's shape."""
+        log.warning("%s %s failed: %r", request.method, request.url.path, exc)
+        transient = isinstance(exc, (*TRANSIENT, nats.errors.Error, ConnectionError, TimeoutError))
+        return error_response(
+            api_of(request.url.path),
+            503 if transient else 500,
+            f"{'the fleet did not answer' if transient else 'internal error'}: {exc!r}",
+            "unavailable" if transient else "internal",
+            {"Retry-After": "1"} if transient else None,
+        )
+
+    app = Starlette(routes=routes, exception_handlers={Exception: failed})
     app.state.gateway, app.state.metrics = gateway, m
 
     def count(api: str, route: str, status: int) -> None:

@@ -288,6 +288,20 @@ CASES: list[tuple[str, Action, bool]] = [
     ("ui", sub("ollama.chat.token.alice.*"), False),
     ("ui", kv_put("fleet", "node.n1"), False),
     ("ui", pub("ollama.chat.token.ui.c1"), False),
+    # the gateway: a client under its own name (every HTTP caller), the fleet view, model
+    # actions, and every end (its metrics) — but never another client's tokens or requests
+    ("gateway", pub("ollama.chat.requested.gateway"), True),
+    ("gateway", sub("ollama.chat.token.gateway.*"), True),
+    ("gateway", sub("ollama.chat.completed.*"), True),
+    ("gateway", sub("ollama.planner.decided"), True),
+    ("gateway", pub("ollama.model.pull"), True),
+    ("gateway", kv_get("tasks"), True),
+    ("gateway", pub("ollama.chat.requested.alice"), False),
+    ("gateway", sub("ollama.chat.token.alice.*"), False),
+    ("gateway", pub("ollama.chat.completed.gateway"), False),
+    ("gateway", kv_put("fleet", "node.n1"), False),
+    ("gateway", consumer("chat"), False),
+    ("chat", pub("ollama.planner.decided"), True),
     ("admin", stream_create("ADMINS_OWN"), True),
 ]
 

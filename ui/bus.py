@@ -106,6 +106,9 @@ class UiBus:
             "model.evicted": lambda: (
                 f"{d.get('model')} evicted from {d.get('node')}: {d.get('reason', '')}"
             ),
+            "model.load.failed": lambda: (
+                f"load of {d.get('model')} on {d.get('node')} failed: {d.get('error', '')}"
+            ),
             "model.load": lambda: f"load {d.get('model')} ({d.get('reason', '')})",
             "model.evict": lambda: f"evict {d.get('model')} ({d.get('reason', '')})",
             "chat.failed": lambda: (
