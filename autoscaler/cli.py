@@ -147,6 +147,15 @@ async def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+async def until_signalled() -> None:
+    """Return on SIGINT or SIGTERM (a server command's life)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 # -- ui ------------------------------------------------------------------------------------------
 async def cmd_ui(args: argparse.Namespace) -> int:
     from ui.serve import RefusedToServe, serve
@@ -161,11 +170,7 @@ async def cmd_ui(args: argparse.Namespace) -> int:
         f"ollama-autoscaler UI at http://{args.host}:{args.port}/ (NATS {bus.redact(args.nats)})",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     server.stop()
     return 0
 
@@ -185,11 +190,7 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
         f"metrics at {served.url}/metrics; NATS {bus.redact(args.nats)})",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await served.stop()
     return 0
 

@@ -177,27 +177,27 @@ class Gateway:
         if chat is not None:
             chat.heard(tok)
 
-    async def _end(self, msg: Any) -> None:
+    def _decoded(self, msg: Any) -> tuple[Event, str | None] | None:
+        """The event of a message (told to the listeners), and its task id if it has one."""
         try:
             ev = decode(msg.headers, msg.data)
         except CodecError:
-            return
+            return None
         self._tell(msg.subject, ev)
         task_id = ev.data.get("task_id") if isinstance(ev.data, dict) else None
-        if client_of(msg.subject) == self.client and isinstance(task_id, str):
-            chat = self.chats.get(task_id)
+        return ev, task_id if isinstance(task_id, str) else None
+
+    async def _end(self, msg: Any) -> None:
+        got = self._decoded(msg)
+        if got is not None and got[1] is not None and client_of(msg.subject) == self.client:
+            chat = self.chats.get(got[1])
             if chat is not None:
-                chat.heard(ev)
+                chat.heard(got[0])
 
     async def _model(self, msg: Any) -> None:
-        try:
-            ev = decode(msg.headers, msg.data)
-        except CodecError:
-            return
-        self._tell(msg.subject, ev)
-        task_id = ev.data.get("task_id") if isinstance(ev.data, dict) else None
-        if ev.type.startswith("model.pull") and isinstance(task_id, str) and task_id in self.pulls:
-            self.pulls[task_id].queue.put_nowait(ev)
+        got = self._decoded(msg)
+        if got is not None and got[0].type.startswith("model.pull") and got[1] in self.pulls:
+            self.pulls[got[1]].queue.put_nowait(got[0])  # type: ignore[index]
 
     async def _heard(self, msg: Any) -> None:
         with contextlib.suppress(CodecError):

@@ -8,6 +8,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from events.types import ChatRequested
+
 from .answers import answer, created_s, stats_of
 from .core import Chat, Gateway
 from .http import BadRequest, error_response, json_body, sse
@@ -164,9 +166,13 @@ def _model(body: dict[str, Any]) -> str:
     return model
 
 
-def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+async def _answer(
+    request: Request, gw: Gateway, req: ChatRequested, body: dict[str, Any], kind: str
+) -> Response:
     opts = body.get("stream_options") or {}
-    return bool(body.get("stream")), bool(isinstance(opts, dict) and opts.get("include_usage"))
+    include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    shape = _OpenAI(req.model, kind, include_usage)
+    return await answer(request, gw, req, bool(body.get("stream")), shape)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -187,8 +193,7 @@ async def chat_completions(request: Request) -> Response:
         req = chat_request(model, messages, options_of(body))
     except BadRequest as exc:
         return _bad(exc)
-    stream, include_usage = _stream(body)
-    return await answer(request, gw, req, stream, _OpenAI(model, "chat", include_usage))
+    return await _answer(request, gw, req, body, "chat")
 
 
 async def completions(request: Request) -> Response:
@@ -206,8 +211,7 @@ async def completions(request: Request) -> Response:
         req = chat_request(model, [{"role": "user", "content": prompt}], options_of(body))
     except BadRequest as exc:
         return _bad(exc)
-    stream, include_usage = _stream(body)
-    return await answer(request, gw, req, stream, _OpenAI(model, "text", include_usage))
+    return await _answer(request, gw, req, body, "text")
 
 
 async def models(request: Request) -> Response:

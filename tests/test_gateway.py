@@ -51,7 +51,7 @@ class Env:
             for s in fam.samples
         }
 
-    async def idle(self, model: str) -> None:
+    async def idle(self, model: str, timeout: float = 20) -> None:
         """Wait until no request holds a lease on `model` (its release is written)."""
 
         async def free() -> bool:
@@ -59,7 +59,7 @@ class Env:
             slot = rec.models.get(model)
             return slot is None or not slot.leases
 
-        await wait_until(free, timeout=20, what=f"{model} released")
+        await wait_until(free, timeout=timeout, what=f"{model} released")
 
 
 def metric(m: dict[Any, float], name: str, **labels: str) -> float:
@@ -339,10 +339,8 @@ async def test_queue_full_is_503_and_a_client_that_goes_frees_the_model(env: Env
             assert refused_ai.status_code == 503
             assert refused_ai.json()["error"]["code"] == "queue_full"
             # The stream is closed here, mid-answer: the client went away.
-        gone_at = time.monotonic()
-        await env.idle(A)
-        freed_s = time.monotonic() - gone_at
-        assert freed_s < 5, f"the lease was held {freed_s:.1f} s after the client went"
+        # Freed by the cancel, not by the lease running out (60 s without renewal).
+        await env.idle(A, timeout=10)
         served = await asyncio.wait_for(waiting, 120)
         assert served.status_code == 200 and served.json()["response"].strip()
         status = (await http.get(f"/api/v1/task/{task_id}")).json()

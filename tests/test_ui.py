@@ -484,6 +484,8 @@ async def test_up_with_the_ui_stops_everything_on_ctrl_c(tmp_path):
         "0",
         "--ui-port",
         str(ui_port),
+        "--gateway-listen",
+        f"127.0.0.1:{free_port()}",
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
     )
@@ -493,6 +495,7 @@ async def test_up_with_the_ui_stops_everything_on_ctrl_c(tmp_path):
         line = await asyncio.wait_for(proc.stdout.readline(), 120)
         assert line, seen.decode()
         seen += line
+    assert b"gateway " in seen and b"warning" not in seen, seen.decode()  # it started too
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children
     proc.send_signal(2)
