@@ -11,7 +11,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -20,6 +26,8 @@ from domain.state import NodeRecord
 from events.codec import Event
 
 PREFIX = "ollama_autoscaler"
+# No `<name>_created` series beside each counter and histogram: a restart shows as a reset.
+disable_created_metrics()
 # Seconds: from a resident model's first token (tens of ms) to a cold load and a long queue.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)

@@ -71,10 +71,10 @@ Action = Callable[[Any], Awaitable[Any]]
 
 def pub(subject: str) -> Action:
     """A JetStream publish where a stream takes the subject (the ack proves it went in),
-    a core publish elsewhere."""
+    a core publish elsewhere (`ollama.planner.*` is core NATS only)."""
 
     async def go(nc: Any) -> Any:
-        if subject.startswith(("ollama.", "$KV.")):
+        if subject.startswith(("ollama.", "$KV.")) and not subject.startswith("ollama.planner."):
             return await nc.jetstream().publish(subject, b"{}", timeout=2)
         await nc.publish(subject, b"{}")
         await nc.flush()
