@@ -72,8 +72,7 @@ async def answer(
 
     async def gone() -> None:
         log.info("client went away: cancelling task_id=%s", chat.task_id)
-        await chat.cancel()
-        if gw_metrics is not None:
+        if await chat.cancel() and gw_metrics is not None:
             gw_metrics.cancels.inc()
 
     def finish() -> None:
@@ -84,16 +83,20 @@ async def answer(
             if gw_metrics is not None:
                 gw_metrics.in_flight.dec()
 
+    streaming = False  # once the body is handed to the server, it finishes the chat
     try:
         if not stream:
-            ok, text = await unless_gone(request, _collect(pieces))
+            # Whole: only the end matters (its text is the answer), so a worker's restart
+            # mid-answer costs nothing here.
+            ok, _ = await unless_gone(request, chat.until_end())
             if not ok:
                 await gone()
                 return Response(status_code=499)
             failed = ended_in_error(chat)
             if failed is not None:
                 return failure_response(shape.api, *failed)
-            return JSONResponse(shape.whole(chat, text or ""), headers=headers)
+            text = str((chat.end.data if chat.end else {}).get("text", ""))
+            return JSONResponse(shape.whole(chat, text), headers=headers)
         # Streamed: the status is only sent with the first piece (or the end), so a chat that
         # fails before it starts gets its error's status, not 200.
         ok, first = await unless_gone(request, _first(pieces))
@@ -103,15 +106,12 @@ async def answer(
         failed = ended_in_error(chat)
         if first is None and failed is not None:
             return failure_response(shape.api, *failed)
+        streaming = True
     except Restarted as exc:
         await chat.cancel()
-        finish()
         return error_response(shape.api, 500, f"the answer was cut: {exc}; send it again")
-    except BaseException:
-        finish()
-        raise
     finally:
-        if not stream:
+        if not streaming:
             finish()
 
     async def body() -> AsyncIterator[bytes]:
@@ -143,10 +143,6 @@ async def _first(pieces: AsyncIterator[str]) -> str | None:
         return await pieces.__anext__()
     except StopAsyncIteration:
         return None
-
-
-async def _collect(pieces: AsyncIterator[str]) -> str:
-    return "".join([p async for p in pieces])
 
 
 def stats_of(chat: Chat) -> dict[str, Any]:

@@ -115,7 +115,9 @@ def make_app(gateway: Gateway, keys: frozenset[str] = frozenset()) -> Any:
         return error_response(
             api_of(request.url.path),
             503 if transient else 500,
-            f"{'the fleet did not answer' if transient else 'internal error'}: {exc!r}",
+            f"the fleet did not answer: {exc!r}"
+            if transient
+            else f"internal error ({type(exc).__name__}); see the gateway's log",
             "unavailable" if transient else "internal",
             {"Retry-After": "1"} if transient else None,
         )

@@ -37,6 +37,9 @@ from functions.services import Services, Settings, open_services
 log = logging.getLogger("gateway")
 
 
+QUIET_S = 10.0  # no token nor end for this long: look for the end in the task record
+
+
 class Restarted(RuntimeError):
     """The answer was being regenerated after part of it had been sent."""
 
@@ -65,10 +68,30 @@ class Chat:
     def heard(self, item: ChatToken | Event) -> None:
         self._queue.put_nowait(item)
 
+    async def _receive(self) -> ChatToken | Event:
+        """The next token or end. Tokens and ends come over core NATS, so one published
+        while this connection was reconnecting is never heard: after a quiet spell the task
+        record is read, and an end stored there is taken from it."""
+        while True:
+            try:
+                return await asyncio.wait_for(self._queue.get(), QUIET_S)
+            except TimeoutError:
+                end = await self.gateway.stored_end(self)
+                if end is not None:
+                    return end
+
+    async def until_end(self) -> Event:
+        """Wait for the end only (a whole answer: its text is in the end)."""
+        while True:
+            item = await self._receive()
+            if isinstance(item, Event):
+                self.end = item
+                return item
+
     async def pieces(self) -> AsyncIterator[str]:
         """The answer's text pieces as they come; returns once the end has come (`end`)."""
         while True:
-            item = await self._queue.get()
+            item = await self._receive()
             if isinstance(item, Event):
                 self.end = item
                 if item.type == "chat.completed":
@@ -95,18 +118,22 @@ class Chat:
                 self.sent += text
                 yield text
 
-    async def cancel(self) -> None:
-        """Publish `chat.cancel` (the client went away): generation stops, the lease goes."""
+    async def cancel(self) -> bool:
+        """Publish `chat.cancel` (the client went away): generation stops, the lease goes.
+        False if the chat had ended already (nothing to cancel) or the bus refused."""
         if self.end is not None:
-            return
+            return False
         data = ChatCancel(chat_id=self.request.chat_id, task_id=self.task_id)
-        with contextlib.suppress(Exception):
+        try:
             await bus.publish(
                 self.gateway.svc.js,
                 Event("chat.cancel", data.model_dump()),
                 client=self.gateway.client,
             )
-        self.gateway.cancelled += 1
+        except Exception as exc:  # the run goes on; its lease is released when it ends
+            log.warning("chat.cancel of task_id=%s not published: %r", self.task_id, exc)
+            return False
+        return True
 
     def close(self) -> None:
         self.gateway.chats.pop(self.task_id, None)
@@ -120,7 +147,7 @@ class Pull:
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
 
 
-Listener = Callable[[str, Event | dict[str, Any]], None]
+Listener = Callable[[str, Event | dict[str, Any], str | None], None]
 
 
 class Gateway:
@@ -130,7 +157,6 @@ class Gateway:
         self.chats: dict[str, Chat] = {}
         self.pulls: dict[str, Pull] = {}
         self.listeners: list[Listener] = []  # the metrics: every event the gateway hears
-        self.cancelled = 0
         self._subs: list[Any] = []
 
     @classmethod
@@ -161,10 +187,13 @@ class Gateway:
         await self.svc.close()
 
     # -- what the bus says ---------------------------------------------------------------------
-    def _tell(self, subject: str, what: Event | dict[str, Any]) -> None:
+    def _tell(self, subject: str, what: Event | dict[str, Any], msg: Any = None) -> None:
+        # The ends' message ids (JetStream's dedup key): a re-sent end is told once.
+        headers = getattr(msg, "headers", None) or {}
+        msg_id = headers.get("Nats-Msg-Id") if subject.startswith("ollama.chat.") else None
         for listener in self.listeners:
             try:
-                listener(subject, what)
+                listener(subject, what, msg_id)
             except Exception:  # a metric that fails must not stop the answers
                 log.exception("metrics listener failed on %s", subject)
 
@@ -183,7 +212,7 @@ class Gateway:
             ev = decode(msg.headers, msg.data)
         except CodecError:
             return None
-        self._tell(msg.subject, ev)
+        self._tell(msg.subject, ev, msg)
         task_id = ev.data.get("task_id") if isinstance(ev.data, dict) else None
         return ev, task_id if isinstance(task_id, str) else None
 
@@ -215,6 +244,16 @@ class Gateway:
             for pull in self.pulls.values():  # a refused pull never gets an end of its own
                 if record.get("event_id") == pull.event.id:
                     pull.queue.put_nowait(Event("deadletter", record))
+
+    async def stored_end(self, chat: Chat) -> Event | None:
+        """The end the chat's task record holds, if it ended (None otherwise, or if the
+        record cannot be read now)."""
+        try:
+            got = await self.svc.tasks.get(chat.event.source, chat.task_id)
+        except Exception:
+            return None
+        end = got.record.end if got is not None else None
+        return Event(end["type"], end["data"]) if end else None
 
     # -- what the gateway asks -----------------------------------------------------------------
     async def start_chat(self, request: ChatRequested) -> Chat:

@@ -56,15 +56,27 @@ class BadRequest(ValueError):
         self.status, self.param = status, param
 
 
-async def json_body(request: Request, limit: int = 8 << 20) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > limit:
-        raise BadRequest(f"request body of {len(raw)} bytes exceeds {limit} bytes", 413)
+MAX_BODY_BYTES = 8 << 20  # a prompt is at most 200,000 characters a message
+
+
+async def json_body(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The request's JSON object, read no further than `limit` bytes (413 beyond)."""
+    too_big = BadRequest(f"the request body exceeds {limit} bytes", 413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         raise BadRequest("empty request body: send a JSON object")
     try:
         body = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested beyond reason
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
@@ -101,6 +113,9 @@ async def unless_gone[T](request: Request, work: Awaitable[T]) -> tuple[bool, T 
     gone = asyncio.ensure_future(until_disconnect(request.receive))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself is cancelled (shutdown)
+        task.cancel()
+        raise
     finally:
         gone.cancel()
     if task.done():
@@ -144,6 +159,9 @@ class Streamed(Response):
         gone = asyncio.ensure_future(until_disconnect(receive))
         try:
             await asyncio.wait({writer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # shutdown: the body stops with the handler
+            writer.cancel()
+            raise
         finally:
             gone.cancel()
         if writer.done():

@@ -32,6 +32,9 @@ disable_created_metrics()
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
+SEEN_IDS = 100_000
+# Failures whose model name came from the client unchecked: counted under model "other".
+UNNAMED = frozenset({"unknown_model", "invalid_request", "duplicate_id", "model_unavailable"})
 # A load's or an eviction's reason, as a label of few values (the reason text names models).
 REASONS = (
     ("make room", "make_room"),
@@ -158,12 +161,19 @@ class FleetMetrics:
         )
         self.fleet = _FleetState()
         r.register(self.fleet)
+        self._seen: dict[str, None] = {}  # message ids of the ends counted (oldest first)
 
     def snapshot(self, nodes: list[NodeRecord], waiting: dict[str, int]) -> None:
         """The fleet's records and the requests waiting per model, read before a scrape."""
         self.fleet.nodes, self.fleet.waiting, self.fleet.at = nodes, waiting, time.time()
 
-    def heard(self, subject: str, what: Event | dict[str, Any]) -> None:
+    def heard(self, subject: str, what: Event | dict[str, Any], msg_id: str | None = None) -> None:
+        if msg_id is not None:  # an end re-sent with its message id is one end, counted once
+            if msg_id in self._seen:
+                return
+            self._seen[msg_id] = None
+            while len(self._seen) > SEEN_IDS:
+                self._seen.pop(next(iter(self._seen)))
         if isinstance(what, dict):  # a dead-letter record
             self.dead_letters.labels(str(what.get("consumer") or "?")).inc()
             return
@@ -180,7 +190,9 @@ class FleetMetrics:
                 self.prompt_tokens.labels(model).inc(int(s["prompt_tokens"]))
         elif t == "chat.failed":
             code = str((d.get("error") or {}).get("code") or "unknown")
-            self.requests.labels(str(d.get("model") or "unknown"), code).inc()
+            # A name nobody has (or could have) is not a label: one series per typo otherwise.
+            model = "other" if code in UNNAMED else str(d.get("model") or "unknown")
+            self.requests.labels(model, code).inc()
         elif t == "model.loaded":
             reason = reason_label(str(d.get("reason", "")))
             model, node = str(d.get("model")), str(d.get("node"))

@@ -38,7 +38,10 @@ def keep_alive_s(value: Any, longest: float) -> float | None:
     if isinstance(value, bool):
         raise BadRequest(f"keep_alive: not a duration: {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise BadRequest(f"keep_alive: {value} is out of range") from None
     elif isinstance(value, str):
         text = value.strip()
         try:
@@ -51,6 +54,8 @@ def keep_alive_s(value: Any, longest: float) -> float | None:
                 raise BadRequest(f'keep_alive: not a duration: {value!r} (e.g. "5m", "1h", 300)')  # noqa: B904
             seconds = sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
     else:
+        raise BadRequest(f"keep_alive: not a duration: {value!r}")
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # nan, inf
         raise BadRequest(f"keep_alive: not a duration: {value!r}")
     return longest if seconds < 0 else seconds
 

@@ -185,7 +185,11 @@ async def chat_completions(request: Request) -> Response:
             raise BadRequest("messages must be a non-empty list", param="messages")
         messages = []
         for i, m in enumerate(raw):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or m["role"] not in ROLES
+            ):
                 raise BadRequest(
                     f"messages[{i}].role must be one of {sorted(ROLES)}", param=f"messages[{i}]"
                 )

@@ -38,8 +38,9 @@ GREEDY = {"temperature": 0, "seed": 1}
 
 
 class Env:
-    def __init__(self, stack: LocalStack, url: str, fake: Any, admin: Any) -> None:
-        self.stack, self.url, self.fake, self.admin = stack, url, fake, admin
+    def __init__(self, stack: LocalStack, served: Any, fake: Any, admin: Any) -> None:
+        self.stack, self.served, self.fake, self.admin = stack, served, fake, admin
+        self.url = served.url
         self.fleet = Fleet(bus.bucket(admin.jetstream(), bus.FLEET_BUCKET), admin.jetstream())
 
     async def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -92,7 +93,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
         served = await serve(stack.url_for("gateway"), "127.0.0.1:0", stack.ca)
         admin = await bus.connect(stack.admin_url)
         try:
-            yield Env(stack, served.url, fake, admin)
+            yield Env(stack, served, fake, admin)
         finally:
             await admin.close()
             await served.stop()
@@ -534,3 +535,72 @@ async def test_a_bus_that_is_gone_gives_503_in_each_apis_shape(env: Env) -> None
             assert r.status_code == 503 and "did not take" in r.json()["error"]
     finally:
         await served.stop()
+
+
+async def test_hostile_bodies_get_a_400_and_nothing_is_left_behind(env: Env) -> None:
+    async with httpx.AsyncClient(base_url=env.url, timeout=60) as http:
+        r = await http.post("/api/chat", content=b"[" * 100_000)  # nested beyond reason
+        assert r.status_code == 400 and "JSON" in r.json()["error"]
+        # A body declared too big is refused before any of it is read.
+        host, port = env.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /api/chat HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {9 << 20}\r\n\r\n{{".encode()
+        )
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        writer.close()
+        assert status_line.split()[1] == b"413", status_line
+        r = await http.post(
+            "/v1/chat/completions", json={"model": A, "messages": [{"role": ["user"]}]}
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
+        r = await http.post(
+            "/api/chat",
+            json={
+                "model": A,
+                "messages": [{"role": "user", "content": "x"}],
+                "keep_alive": 10**400,
+            },
+        )
+        assert r.status_code == 400 and "keep_alive" in r.json()["error"]
+        for stream in (True, False):  # refused by the chat function, streamed or not
+            r = await http.post(
+                "/api/chat",
+                json={
+                    "model": "no-such-model",
+                    "stream": stream,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+            )
+            assert r.status_code == 404
+        m = await env.scrape()
+    assert env.served.gateway.chats == {}  # no chat left waiting in the gateway
+    assert metric(m, "ollama_autoscaler_gateway_chats_in_flight") == 0
+    assert metric(m, "ollama_autoscaler_requests_total", model="other", outcome="unknown_model") > 0
+
+
+async def test_an_end_the_gateway_never_heard_is_taken_from_the_task_record(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ends come over core NATS: one published while the gateway was reconnecting is lost.
+    After a quiet spell the gateway reads the task record and takes the end stored there."""
+    from events.codec import Event
+    from gateway import core
+
+    async with httpx.AsyncClient(base_url=env.url, timeout=120) as http:
+        r = await http.post(
+            "/api/generate",
+            json={"model": A, "prompt": "Say hi.", "stream": False, "options": {"num_predict": 4}},
+        )
+        assert r.status_code == 200
+    task_id = r.headers["x-oa-task-id"]
+    monkeypatch.setattr(core, "QUIET_S", 0.2)
+    gw = env.served.gateway
+    late = core.Chat(
+        gw, core.ChatRequested(chat_id="late", model=A, messages=[{"role": "user", "content": "x"}])
+    )
+    late.event = Event("chat.requested", late.event.data, id=task_id)  # the one that ended
+    end = await asyncio.wait_for(late.until_end(), 10)  # its end was published long ago
+    assert end.type == "chat.completed" and end.data["text"] == r.json()["response"]
