@@ -65,7 +65,7 @@ async def answer(
         )
     headers = {"X-OA-Task-Id": chat.task_id}
     pieces = chat.pieces().__aiter__()
-    gw_metrics = getattr(gw, "metrics", None)
+    gw_metrics = gw.metrics
     if gw_metrics is not None:
         gw_metrics.in_flight.inc()
     done = False

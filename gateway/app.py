@@ -89,7 +89,7 @@ def _task_view(rec: TaskRecord) -> dict[str, Any]:
 
 def make_app(gateway: Gateway, keys: frozenset[str] = frozenset()) -> Any:
     m = FleetMetrics()
-    gateway.metrics = m  # type: ignore[attr-defined]
+    gateway.metrics = m
     gateway.listeners.append(m.heard)
     routes = [
         Route("/", ollama_api.root, methods=["GET", "HEAD"]),

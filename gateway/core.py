@@ -157,6 +157,7 @@ class Gateway:
         self.chats: dict[str, Chat] = {}
         self.pulls: dict[str, Pull] = {}
         self.listeners: list[Listener] = []  # the metrics: every event the gateway hears
+        self.metrics: Any = None  # the app's FleetMetrics (its gateway's own series)
         self._subs: list[Any] = []
 
     @classmethod

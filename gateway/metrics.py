@@ -165,7 +165,7 @@ class FleetMetrics:
 
     def snapshot(self, nodes: list[NodeRecord], waiting: dict[str, int]) -> None:
         """The fleet's records and the requests waiting per model, read before a scrape."""
-        self.fleet.nodes, self.fleet.waiting, self.fleet.at = nodes, waiting, time.time()
+        self.fleet.nodes, self.fleet.waiting = nodes, waiting
 
     def heard(self, subject: str, what: Event | dict[str, Any], msg_id: str | None = None) -> None:
         if msg_id is not None:  # an end re-sent with its message id is one end, counted once
@@ -217,7 +217,6 @@ class _FleetState(Collector):
     def __init__(self) -> None:
         self.nodes: list[NodeRecord] = []
         self.waiting: dict[str, int] = {}
-        self.at = 0.0
 
     def describe(self) -> list[Any]:
         return []

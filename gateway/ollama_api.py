@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from events.bus import MODELS_BUCKET, keys_matching
-from events.keys import decode_name
+from events.keys import decode_name, model_key
 from events.outcome import invalid
 from events.types import ChatRequested, ModelPull
 from stores.catalog import ModelInfo
@@ -263,21 +263,37 @@ def details(info: ModelInfo) -> dict[str, Any]:
     }
 
 
+async def catalog_entry(gw: Gateway, key: str) -> tuple[ModelInfo, float | None] | None:
+    """One catalog entry (`model.<encoded name>`) with the time it was written (its
+    `modified_at`); None if there is none."""
+    js = gw.svc.js
+    try:
+        msg = await js.get_msg(f"KV_{MODELS_BUCKET}", subject=f"$KV.{MODELS_BUCKET}.{key}")
+    except NotFoundError:
+        return None
+    if not msg.data:
+        return None  # deleted
+    info = ModelInfo.model_validate_json(msg.data)
+    if info.name != decode_name(key.removeprefix("model.")):
+        return None
+    return info, msg.time.timestamp() if msg.time else None
+
+
 async def catalog_with_times(gw: Gateway) -> list[tuple[ModelInfo, float | None]]:
-    """The catalog, each model with the time its entry was written (its `modified_at`)."""
-    js, out = gw.svc.js, []
-    for key in await keys_matching(js, MODELS_BUCKET, "model.*"):
-        try:
-            msg = await js.get_msg(f"KV_{MODELS_BUCKET}", subject=f"$KV.{MODELS_BUCKET}.{key}")
-        except NotFoundError:
-            continue
-        if not msg.data:
-            continue  # deleted
-        info = ModelInfo.model_validate_json(msg.data)
-        if info.name != decode_name(key.removeprefix("model.")):
-            continue
-        out.append((info, msg.time.timestamp() if msg.time else None))
+    """The catalog, each model with the time its entry was written."""
+    out = []
+    for key in await keys_matching(gw.svc.js, MODELS_BUCKET, "model.*"):
+        if (entry := await catalog_entry(gw, key)) is not None:
+            out.append(entry)
     return sorted(out, key=lambda it: it[0].name)
+
+
+async def model_with_time(gw: Gateway, name: str) -> tuple[ModelInfo, float | None] | None:
+    try:
+        key = model_key(name)
+    except ValueError:  # an empty name
+        return None
+    return await catalog_entry(gw, key)
 
 
 async def tags(request: Request) -> Response:
@@ -348,10 +364,10 @@ async def show(request: Request) -> Response:
         model = model_of(await json_body(request))
     except BadRequest as exc:
         return _bad(exc)
-    found = [(i, at) for i, at in await catalog_with_times(gw) if i.name == model]
-    if not found:
+    found = await model_with_time(gw, model)
+    if found is None:
         return error_response(API, 404, f"model '{model}' not found")
-    info, at = found[0]
+    info, at = found
     arch = info.family or "unknown"
     model_info: dict[str, Any] = {"general.architecture": arch}
     if (count := _parameter_count(info.params)) is not None:
@@ -400,7 +416,6 @@ async def pull(request: Request) -> Response:
             if ev.type == "model.pull.progress":
                 yield {
                     "status": d.get("status") or f"pulling {model}",
-                    "digest": model,
                     "total": d.get("total"),
                     "completed": d.get("completed"),
                 }

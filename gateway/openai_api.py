@@ -13,7 +13,7 @@ from events.types import ChatRequested
 from .answers import answer, created_s, stats_of
 from .core import Chat, Gateway
 from .http import BadRequest, error_response, json_body, sse
-from .ollama_api import catalog_with_times, chat_request
+from .ollama_api import catalog_with_times, chat_request, model_with_time
 
 API = "openai"
 ROLES = {
@@ -235,14 +235,15 @@ async def models(request: Request) -> Response:
 async def model(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     name = request.path_params["model"]
-    for info, at in await catalog_with_times(gw):
-        if info.name == name:
-            return JSONResponse(
-                {
-                    "id": info.name,
-                    "object": "model",
-                    "created": int(at or 0),
-                    "owned_by": "ollama-autoscaler",
-                }
-            )
+    found = await model_with_time(gw, name)
+    if found is not None:
+        info, at = found
+        return JSONResponse(
+            {
+                "id": info.name,
+                "object": "model",
+                "created": int(at or 0),
+                "owned_by": "ollama-autoscaler",
+            }
+        )
     return error_response(API, 404, f"The model '{name}' does not exist", "model_not_found")
