@@ -14,27 +14,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from agent.node import NodeAgent
-from autoscaler.client import ChatSession
+from autoscaler.client import ChatSession, client_name
 from domain.state import Slot
 from events import bus
-from events.dispatcher import Dispatcher, in_process
-from events.types import ChatRequested
+from events.codec import Event, decode
+from events.dispatcher import Dispatcher
+from events.dispatcher import in_process as in_process_delivery
+from events.types import ChatRequested, subject_for
 from functions import chat as chat_fn
 from functions.services import Settings, open_services
 from stack.local import LocalStack, StackConfig
 from stores.catalog import ModelInfo
+
+from .roundtrips import Op, Tracer, round_trips, typical
+from .stub import STUB_MODEL, StubRuntime
 
 OUT = Path("docs/bench")
 MODEL = "gemma3-270m"
@@ -94,6 +104,9 @@ async def _direct_once(
 
 
 async def _system(nc: Any, prompt: str, max_tokens: int) -> tuple[float, float]:
+    """One chat through the system, timed from its publish (the subscriptions are made
+    before it, as a long-lived client such as the gateway makes them once) to its first
+    token and to its end. With TRACER on, the stretch's NATS operations are kept too."""
     req = ChatRequested(
         chat_id=uuid.uuid4().hex[:12],
         model=MODEL,
@@ -101,16 +114,38 @@ async def _system(nc: Any, prompt: str, max_tokens: int) -> tuple[float, float]:
         options={"max_tokens": max_tokens, "temperature": 0, "seed": 1},
     )
     first: list[float] = []
-    session = ChatSession(
-        nc, req, lambda tok: first.append(time.perf_counter()) if not first else None
-    )
-    t0 = time.perf_counter()
+    session = ChatSession(nc, req, lambda tok: first.append(time.time()) if not first else None)
     await session.start()
     result = await session.wait(120)
-    end = time.perf_counter()
+    end = time.time()
     if result.end is None or result.end.type != "chat.completed":
         raise RuntimeError(f"chat failed: {result.end.data if result.end else None}")
-    return ((first[0] if first else end) - t0) * 1e3, (end - t0) * 1e3
+    t0 = result.published_at
+    t1 = first[0] if first else end
+    if TRACER.on:
+        off = time.perf_counter() - time.time()
+        ops = TRACER.between(t0 + off, end + off)
+        runtime_at = next((op.at for op in ops if op.kind == "http"), t1 + off)
+        # The worker's operations only: the client's own publish and other consumers' pulls
+        # (each dispatcher polls its own) are not the chat's.
+        mine = [
+            op
+            for op in ops
+            if op.what != "JS publish chat.requested"
+            and not (op.kind == "pull" and op.what != "pull chat")
+        ]
+        STRETCHES["to_runtime"].append([op for op in mine if op.at < runtime_at])
+        STRETCHES["to_first_token"].append([op for op in mine if op.at < t1 + off])
+        STRETCHES["whole_chat"].append(mine)
+        TIMELINES.append(
+            (t1 - t0, [(op.at - t0 - off, op.what) for op in mine if op.at < t1 + off])
+        )
+    return (t1 - t0) * 1e3, (end - t0) * 1e3
+
+
+TRACER = Tracer()
+TIMELINES: list[tuple[float, list[tuple[float, str]]]] = []  # (TTFT s, [(offset s, op)])
+STRETCHES: dict[str, list[list[Op]]] = {"to_runtime": [], "to_first_token": [], "whole_chat": []}
 
 
 async def _gateway(
@@ -154,6 +189,7 @@ async def latency(
     transport: str,
     state_dir: Path,
 ) -> dict[str, float]:
+    TRACER.install()
     stack = LocalStack(
         StackConfig(
             state_dir=state_dir,
@@ -189,7 +225,11 @@ async def latency(
             a_ttft.append(t)
             a_total.append(total)
             await asyncio.sleep(PACE_S)
+            # Round trips are counted where the handler runs in this process.
+            TRACER.on = transport == "inprocess"
             t, total = await _system(nc, prompt, max_tokens)
+            TRACER.on = False
+            TRACER.ops.clear()
             b_ttft.append(t)
             b_total.append(total)
             for api in list(g_ttft)[:: 1 if i % 2 == 0 else -1]:  # each API first every other time
@@ -203,6 +243,7 @@ async def latency(
     finally:
         await served.stop()
         await stack.stop()
+        TRACER.uninstall()
     d_ttft = [b - a for a, b in zip(a_ttft, b_ttft, strict=True)]
     d_total = [b - a for a, b in zip(a_total, b_total, strict=True)]
     row = {
@@ -230,52 +271,66 @@ async def latency(
         row[f"{api}_gw_over_nats_total_p50_ms"] = pct(
             [g - b for b, g in zip(b_total, g_total[api], strict=True)], 0.5
         )
+    for stretch, runs in STRETCHES.items():
+        if runs:
+            count, parts = typical(runs)
+            row[f"round_trips_{stretch}"] = count
+            row[f"round_trips_{stretch}_max"] = max(round_trips(r) for r in runs)
+            row[f"ops_{stretch}"] = "; ".join(f"{n} x {w}" for w, n in sorted(parts.items()))
+        runs.clear()
+    if TIMELINES:
+        ttft, ops = sorted(TIMELINES, key=lambda t: t[0])[len(TIMELINES) // 2]
+        row["timeline_median_chat"] = " | ".join(
+            [f"{at * 1e3:.2f} ms {what}" for at, what in ops] + [f"{ttft * 1e3:.2f} ms first token"]
+        )
+        TIMELINES.clear()
     row["direct_dropped_by_llama_server"] = DROPPED["direct"]
     DROPPED["direct"] = 0
     return row
 
 
-class StubRuntime:
-    """BENCHMARK-ONLY STUB RUNTIME: answers instantly with fixed tokens, in-process."""
+class Ends:
+    """A light client of many chats at once: one subscription to its ends (not to tokens),
+    requests routed by task id, as the gateway does; each chat is one publish."""
 
-    kind = "stub"
-    url = "stub://bench"
+    def __init__(self, nc: Any, client: str) -> None:
+        self.nc, self.client = nc, client
+        self.waiting: dict[str, asyncio.Future[str]] = {}
+        self.subs: list[Any] = []
 
-    async def available(self) -> list[str]:
-        return ["stub-model"]
+    async def start(self) -> Ends:
+        async def on_end(msg: Any) -> None:
+            ev = decode(msg.headers, msg.data)
+            fut = self.waiting.pop(ev.data.get("task_id", ""), None)
+            if fut is not None and not fut.done():
+                fut.set_result(ev.type)
 
-    async def loaded(self) -> dict[str, str]:
-        return {"stub-model": "loaded"}
+        for kind in ("chat.completed", "chat.failed"):
+            self.subs.append(
+                await self.nc.subscribe(subject_for(kind, client=self.client), cb=on_end)
+            )
+        await self.nc.flush()
+        return self
 
-    async def load(self, model: str, timeout: float) -> None:
-        return None
+    async def chat(self, model: str) -> str:
+        req = ChatRequested(
+            chat_id=uuid.uuid4().hex[:12], model=model, messages=[{"role": "user", "content": "x"}]
+        )
+        event = Event("chat.requested", req.model_dump(exclude_none=True))
+        fut = self.waiting[event.id] = asyncio.get_running_loop().create_future()
+        await bus.publish(self.nc.jetstream(), event, client=self.client)
+        return await asyncio.wait_for(fut, 60)
 
-    async def unload(self, model: str, timeout: float) -> None:
-        return None
-
-    async def chat(
-        self,
-        model: str,
-        messages: list[dict[str, str]],
-        options: dict[str, Any],
-        usage: dict[str, Any] | None = None,
-    ) -> AsyncIterator[str]:
-        for word in ("stub ", "tokens ", "only"):
-            yield word
-        if usage is not None:
-            usage.update(prompt_tokens=len(messages), done_reason="stop")
-
-    async def aclose(self) -> None:
-        return None
+    async def stop(self) -> None:
+        for sub in self.subs:
+            await sub.unsubscribe()
 
 
-async def throughput(nats_url: str, clients: int, seconds: float) -> dict[str, float]:
-    # All the clients are one bus identity here: the per-client rate is off (what is measured
-    # is how many chats the functions serve, not the share one client is allowed).
-    svc = await open_services(Settings(nats_url=nats_url, client_rate=0), provision=True)
+async def stub_fleet(svc: Any) -> tuple[NodeAgent, Any]:
+    """The stub model in the catalog and one stub node holding it, its agent beating."""
     stub = StubRuntime()
-    svc.runtimes[(stub.kind, stub.url)] = stub  # type: ignore[assignment]
-    await svc.catalog.put(ModelInfo(name="stub-model", bytes=1))
+    svc.runtimes[(stub.kind, stub.url)] = stub
+    await svc.catalog.put(ModelInfo(name=STUB_MODEL, bytes=1))
     agent = NodeAgent(svc.fleet, "stub-0", stub, capacity_bytes=1 << 40)  # type: ignore[arg-type]
     await agent.register()
     await svc.fleet.update(
@@ -283,41 +338,111 @@ async def throughput(nats_url: str, clients: int, seconds: float) -> dict[str, f
         lambda r: r.model_copy(
             update={
                 "models": {
-                    "stub-model": Slot(state="ready", bytes=1, keep_alive_until=time.time() + 3600)
+                    STUB_MODEL: Slot(state="ready", bytes=1, keep_alive_until=time.time() + 3600)
                 }
             }
         ),
     )
+    return agent, stub
+
+
+def start_workers(nats_url: str, n: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
+    """`n` processes of `ollama-autoscaler worker --functions chat`, each importing the stub
+    runtime (OA_RUNTIME_PLUGINS), sharing the one `chat` consumer; returns once each serves."""
+    exe = Path(sys.executable).with_name("ollama-autoscaler")
+    env = {
+        **os.environ,
+        "OA_RUNTIME_PLUGINS": "bench.stub",
+        "OA_CLIENT_RATE": "0",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    procs = []
+    for i in range(n):
+        log = (log_dir / f"worker-{i}.log").open("wb")
+        procs.append(
+            subprocess.Popen(
+                [str(exe), "--nats", nats_url, "worker", "--functions", "chat", "--no-provision"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    deadline = time.monotonic() + 60
+    for i, proc in enumerate(procs):
+        path = log_dir / f"worker-{i}.log"
+        while b"serving" not in path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {i} did not start: {path.read_text()[-2000:]}")
+            time.sleep(0.05)
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes have used so far."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+async def throughput(
+    nats_url: str,
+    clients: int,
+    seconds: float,
+    in_process: bool = True,
+    pids: dict[str, list[int]] | None = None,
+) -> dict[str, float]:
+    """Chats/s reaching `chat.completed` with `clients` concurrent clients: served by a
+    dispatcher in this process (`in_process`), or by worker processes already started."""
+    # All the clients are one bus identity here: the per-client rate is off (what is measured
+    # is how many chats the functions serve, not the share one client is allowed).
+    svc = await open_services(Settings(nats_url=nats_url, client_rate=0), provision=True)
+    agent, _ = await stub_fleet(svc)
     stop = asyncio.Event()
     beats = asyncio.create_task(agent.run(stop))
-    d = Dispatcher(
-        svc.js,
-        bus.CONSUMERS["chat"],
-        in_process(lambda e, a: chat_fn.handle(svc, e, a)),
-        concurrency=max(64, clients),
-    )
-    runner = asyncio.create_task(d.run(stop))
+    runner = None
+    if in_process:
+        d = Dispatcher(
+            svc.js,
+            bus.CONSUMERS["chat"],
+            in_process_delivery(lambda e, a: chat_fn.handle(svc, e, a)),
+            concurrency=max(64, clients),
+        )
+        runner = asyncio.create_task(d.run(stop))
     nc = await bus.connect(nats_url)
+    ends = await Ends(nc, client_name(nc)).start()
+    for _ in range(3):  # warm: the first chats open subscriptions and watches
+        await ends.chat(STUB_MODEL)
     done = 0
     deadline = time.perf_counter() + seconds
 
     async def client() -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            req = ChatRequested(
-                chat_id=uuid.uuid4().hex[:12],
-                model="stub-model",
-                messages=[{"role": "user", "content": "x"}],
-            )
-            result = await (await ChatSession(nc, req).start()).wait(60)
-            if result.end is not None and result.end.type == "chat.completed":
+            if await ends.chat(STUB_MODEL) == "chat.completed":
                 done += 1
 
+    parts = {"bench process": [os.getpid()], **(pids or {})}
+    cpu0 = {name: cpu_s(p) for name, p in parts.items()}
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.perf_counter() - t0
+    cpu = {name: cpu_s(p) - cpu0[name] for name, p in parts.items()}
     stop.set()
-    await asyncio.gather(runner, beats)
+    await asyncio.gather(beats, *([runner] if runner else []))
+    await ends.stop()
     await nc.close()
     await svc.close()
     return {
@@ -325,6 +450,9 @@ async def throughput(nats_url: str, clients: int, seconds: float) -> dict[str, f
         "completed": done,
         "seconds": elapsed,
         "chats_per_s": done / elapsed,
+        **{
+            f"cpu_ms_per_chat_{k.replace(' ', '_')}": 1e3 * v / max(1, done) for k, v in cpu.items()
+        },
     }
 
 
@@ -387,7 +515,7 @@ async def amain(args: argparse.Namespace) -> int:
         "== latency: direct llama-server (A) vs through the system (B), alternating, "
         f"{args.pairs} pairs, max_tokens {args.max_tokens}, model resident"
     )
-    for transport in args.transports.split(","):
+    for transport in [t for t in args.transports.split(",") if t and args.pairs > 0]:
         with tempfile.TemporaryDirectory(prefix="oa-bench-") as state:
             row = await latency(args.pairs, args.max_tokens, transport, Path(state))
         rows.append(row)
@@ -399,6 +527,15 @@ async def amain(args: argparse.Namespace) -> int:
             f"{row['overhead_total_p50_ms']:.1f} ms; direct requests dropped by llama-server "
             f"and re-sent: {row['direct_dropped_by_llama_server']}"
         )
+        for stretch in STRETCHES:
+            if f"round_trips_{stretch}" in row:
+                print(
+                    f"  NATS round trips, {stretch.replace('_', ' ')} (median chat, max "
+                    f"{row[f'round_trips_{stretch}_max']}): {row[f'round_trips_{stretch}']} "
+                    f"= {row[f'ops_{stretch}']}"
+                )
+        if "timeline_median_chat" in row:
+            print(f"  the median chat, from its publish: {row['timeline_median_chat']}")
         for api, path in (("ollama", "/api/chat"), ("openai", "/v1/chat/completions")):
             added = row[f"{api}_gw_over_nats_ttft_p50_ms"]
             print(
@@ -410,29 +547,66 @@ async def amain(args: argparse.Namespace) -> int:
                 f"{row[f'{api}_gw_over_direct_ttft_p50_ms']:.1f} ms; total over NATS p50 "
                 f"{row[f'{api}_gw_over_nats_total_p50_ms']:.1f} ms"
             )
-    with (out / "overhead_latency.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print("\n== throughput with the BENCHMARK-ONLY STUB RUNTIME (in-process dispatch)")
-
+    if rows:
+        with (out / "overhead_latency.csv").open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    print(
+        "\n== throughput with the BENCHMARK-ONLY STUB RUNTIME: chats/s to chat.completed; "
+        "served in this process (in-process dispatch) or by `ollama-autoscaler worker` "
+        "processes sharing the one bus"
+    )
     state = tempfile.TemporaryDirectory(prefix="oa-bench-")
     stack = LocalStack(StackConfig(state_dir=Path(state.name), nats_port=0, nodes=0))
     await stack.start_nats()
     trows = []
+    client_counts = [int(c) for c in args.clients.split(",")]
     try:
-        for clients in (int(c) for c in args.clients.split(",")):
-            r = await throughput(stack.admin_url, clients, args.seconds)
-            trows.append(r)
-            print(
-                f"{clients:>3} clients: {r['chats_per_s']:.0f} chats/s "
-                f"({r['completed']} in {r['seconds']:.1f} s)"
-            )
+        for workers in (int(w) for w in args.workers.split(",")):
+            procs = start_workers(stack.admin_url, workers, Path(state.name)) if workers else []
+            try:
+                for clients in client_counts:
+                    pids = {
+                        "nats-server": [p.popen.pid for p in stack.procs if "nats" in p.name],
+                        "workers": [p.pid for p in procs],
+                    }
+                    r = await throughput(stack.admin_url, clients, args.seconds, not workers, pids)
+                    r = {"workers": workers, **r}
+                    trows.append(r)
+                    where = f"{workers} worker process(es)" if workers else "in-process"
+                    print(
+                        f"{where:>22}, {clients:>3} clients: {r['chats_per_s']:.0f} chats/s "
+                        f"({r['completed']} in {r['seconds']:.1f} s); CPU ms per chat: "
+                        + ", ".join(
+                            f"{k.removeprefix('cpu_ms_per_chat_').replace('_', ' ')} {v:.2f}"
+                            for k, v in r.items()
+                            if k.startswith("cpu_ms_per_chat_")
+                        )
+                    )
+            finally:
+                stop_workers(procs)
         if args.profile:
             await profiled_throughput(stack.admin_url, args.profile, args.seconds, out)
     finally:
         await stack.stop()
         state.cleanup()
+    best = max(
+        (r for r in trows if r["clients"] == max(client_counts)), key=lambda r: r["chats_per_s"]
+    )
+    by = {(r["workers"], r["clients"]): r["chats_per_s"] for r in trows}
+    fall = {
+        w: by[(w, max(client_counts))] / by[(w, 8)] - 1
+        for w in {r["workers"] for r in trows}
+        if (w, 8) in by and (w, max(client_counts)) in by
+    }
+    print(
+        f"best at {max(client_counts)} clients: {best['chats_per_s']:.0f} chats/s with "
+        f"{best['workers'] or 'in-process'} workers (goal >= 1,000: "
+        f"{'met' if best['chats_per_s'] >= 1000 else 'MISSED'}); from 8 to "
+        f"{max(client_counts)} clients: "
+        + ", ".join(f"{w or 'in-process'}: {100 * f:+.0f} %" for w, f in sorted(fall.items()))
+    )
     with (out / "overhead_throughput.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(trows[0]))
         w.writeheader()
@@ -450,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--transports", default="inprocess,http")
     ap.add_argument("--clients", default="1,8,64")
+    ap.add_argument(
+        "--workers", default="0,1,2,4", help="worker processes per run (0: in-process dispatch)"
+    )
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument(
         "--profile", type=int, default=8, help="clients for the profiled run (0: no profile)"

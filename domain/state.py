@@ -219,6 +219,18 @@ def release_lease(
     return new
 
 
+def drop_lease(node: NodeRecord, model: str, task_id: str, until: float) -> NodeRecord:
+    """Take back a lease nothing was served under, if it is still the one written with
+    expiry `until` (a later one of the same task is another run's): no use counted,
+    keep-alive unchanged. The record itself is returned when there is no such lease."""
+    slot = node.models.get(model)
+    if slot is None or slot.leases.get(task_id) != until:
+        return node
+    new = _copy(node)
+    del new.models[model].leases[task_id]
+    return new
+
+
 def expire_leases(node: NodeRecord, now: float) -> NodeRecord:
     new = _copy(node)
     for slot in new.models.values():

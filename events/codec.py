@@ -9,6 +9,7 @@ document with `Content-Type: application/cloudevents+json` (or no headers at all
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ MAX_ID_CHARS = 256  # ids become KV keys and message ids: keep them well inside 
 
 # The binding: percent-encode space, '"', '%' and everything outside printable ASCII.
 _SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+_PLAIN = re.compile("[" + re.escape(_SAFE) + "]*")  # what `quote(..., safe=_SAFE)` leaves as is
 
 
 class CodecError(ValueError):
@@ -79,9 +81,15 @@ def _encode_data(event: Event) -> bytes:
     return json.dumps(event.data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _quote(value: str) -> str:
+    # A value of safe characters only is its own encoding (the common case: ids, types,
+    # times); the check costs a third of `quote`.
+    return value if _PLAIN.fullmatch(value) else quote(value, safe=_SAFE)
+
+
 def to_binary(event: Event) -> tuple[dict[str, str], bytes]:
     """Binary mode: `ce-*` headers (percent-encoded) and the data as the body."""
-    headers = {f"ce-{k}": quote(str(v), safe=_SAFE) for k, v in event.attributes().items()}
+    headers = {f"ce-{k}": _quote(str(v)) for k, v in event.attributes().items()}
     return headers, _encode_data(event)
 
 

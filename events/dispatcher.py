@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,8 @@ from .types import (
 log = logging.getLogger("events.dispatcher")
 
 MAX_FAILED_DELIVERIES = 10
+PULL_EXPIRES_S = 1.0  # how long an open pull request lingers on the server
+PULL_GRACE_S = 1.0  # past that with no answer, the request is taken as lost and sent again
 Deliver = Callable[[Event, int], Awaitable[Outcome]]
 
 
@@ -250,43 +253,91 @@ class Dispatcher:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fetch and dispatch until `stop`; survives connection loss and server restarts."""
-        sub = None
+        """Pull and dispatch until `stop`; survives connection loss and server restarts.
+
+        One pull request is kept open at a time, for as many messages as there are free
+        slots, lingering up to PULL_EXPIRES_S; each message is dispatched the moment it
+        arrives (a fetch that waits to fill its batch would hold the first one back). When
+        the request is filled or expires, the next goes out. A request the server lost (a
+        restart) is replaced once it should have expired. After `stop`, what still arrives
+        on the open request is handed back at once, until that request has expired."""
         pause = 0.1
         while not stop.is_set():
             try:
-                if sub is None:
-                    sub = await self.js.pull_subscribe_bind(
-                        durable=self.spec.name, stream=EVENTS_STREAM
-                    )
-                    info = await self.js.consumer_info(EVENTS_STREAM, self.spec.name)
-                    self.ack_wait_s = float(info.config.ack_wait or self.spec.ack_wait_s)
-                free = self.concurrency - len(self._tasks)
-                if free <= 0:
-                    await asyncio.sleep(0.01)
-                    continue
-                try:
-                    msgs = await sub.fetch(batch=min(free, 32), timeout=0.5)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                for msg in msgs:
-                    task = asyncio.create_task(self._guarded(msg))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                pause = 0.1
+                await self._consume(stop)
+                return
             except nats.errors.ConnectionClosedError:
                 return
             except Exception as exc:  # reconnecting, server restarting, consumer missing
                 log.warning("dispatcher %s: %r; retrying in %.1fs", self.spec.name, exc, pause)
                 await asyncio.sleep(pause)
                 pause = min(5.0, pause * 2)
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                    sub = None
-        if sub is not None:
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        nc = self.js._nc  # the JetStream context's own connection
+        info = await self.js.consumer_info(EVENTS_STREAM, self.spec.name)
+        self.ack_wait_s = float(info.config.ack_wait or self.spec.ack_wait_s)
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.{self.spec.name}"
+        inbox = nc.new_inbox()
+        wanted = 0  # messages the open request may still bring
+        expires_at = 0.0  # when the open request lapses (monotonic)
+        wake = asyncio.Event()
+
+        async def arrived(msg: Msg) -> None:
+            nonlocal wanted
+            status = (msg.headers or {}).get("Status") if not msg.data else None
+            if status:
+                if status == "100":  # an idle heartbeat: nothing to do
+                    return
+                # 404/408: the request ended with this many of its messages not sent;
+                # 409: the server ended it (leadership change, limits). Ask again.
+                wanted = 0
+                wake.set()
+                return
+            wanted = max(0, wanted - 1)
+            if stop.is_set():
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                self.stats.handed_back += 1
+                return
+            task = asyncio.create_task(self._guarded(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._freed)
+            if wanted == 0:
+                wake.set()
+
+        self._wake = wake
+        stopper = asyncio.create_task(stop.wait())
+        stopper.add_done_callback(lambda _: wake.set())
+        sub = await nc.subscribe(inbox, cb=arrived)
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                free = self.concurrency - len(self._tasks)
+                if (wanted == 0 or now >= expires_at + PULL_GRACE_S) and free > 0:
+                    wanted, expires_at = free, now + PULL_EXPIRES_S
+                    request = {"batch": free, "expires": int(PULL_EXPIRES_S * 1e9)}
+                    await nc.publish(next_subject, json.dumps(request).encode(), reply=inbox)
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(
+                        max(0.01, expires_at + PULL_GRACE_S - time.monotonic())
+                    ):
+                        await wake.wait()
+            # Stopped: what the open request still brings is handed back (see `arrived`)
+            # until it lapses, so nothing waits out its ack wait on a dead inbox.
+            while wanted and time.monotonic() < expires_at:
+                await asyncio.sleep(0.02)
+        finally:
+            stopper.cancel()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    def _freed(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        wake = getattr(self, "_wake", None)
+        if wake is not None and len(self._tasks) == self.concurrency - 1:
+            wake.set()  # was full: a slot is free, a request may go out
 
     async def _guarded(self, msg: Msg) -> None:
         try:

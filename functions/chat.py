@@ -76,6 +76,9 @@ class Run:
     new: bool = False  # this run created the task: its request is new (counted for the rate)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     pieces: list[str] = field(default_factory=list)  # the answer so far
+    # A lease taken on arrival beside the claim (a new request for a resident model needs
+    # no other step before the runtime); `_acquire` takes it over, else it is given back.
+    early: asyncio.Task[Lease | None] | None = None
 
     async def save(self, **changes: Any) -> None:
         """Apply `changes` to the task by compare-and-set; re-read on conflict. Lost if
@@ -276,26 +279,68 @@ class Held:
     placed_at: float
 
 
-async def _lease_ready(svc: Services, model: str, task_id: str) -> NodeRecord | None:
+@dataclass
+class Lease:
+    """A lease this run took: where, and whether it made it (a lease under the task's id
+    may already be there, another run's of the same task)."""
+
+    record: NodeRecord
+    until: float | None  # the expiry this run wrote, if it made the lease
+
+
+async def _lease_ready(
+    svc: Services, model: str, task_id: str, fresh: bool = False
+) -> Lease | None:
     """Take a lease on a node where the model is ready (least active first), else reserve
-    a place on a copy that is already loading."""
+    a place on a copy that is already loading. The node records come from the fleet's
+    watch (no round trip) unless `fresh`: the lease itself is a compare-and-set, so a
+    record a moment old costs a failed CAS and a read, never a wrong lease."""
     now = time.time()
-    nodes = [rv for rv in await svc.fleet.nodes() if planner.node_takes_work(rv[0], now)]
+    listed = await (svc.fleet.nodes() if fresh else svc.fleet.hot_nodes())
+    nodes = [rv for rv in listed if planner.node_takes_work(rv[0], now)]
     ready = sorted(
         (rv for rv in nodes if (s := rv[0].models.get(model)) and s.state == "ready"),
         key=lambda rv: (rv[0].models[model].active, rv[0].node_id),
     )
     loading = [rv for rv in nodes if (s := rv[0].models.get(model)) and s.state == "loading"]
     for record, rev in ready + loading:
-        try:
-            return await svc.fleet.update(
-                record.node_id,
-                lambda r: state.take_lease(r, model, task_id, time.time()),
-                known=(record, rev),
+        made: list[float | None] = [None]
+
+        def lease(r: NodeRecord, made: list[float | None] = made) -> NodeRecord:
+            slot = r.models.get(model)
+            new = state.take_lease(r, model, task_id, time.time())
+            made[0] = (
+                None
+                if slot is None or task_id in slot.leases
+                else (new.models[model].leases[task_id])
             )
+            return new
+
+        try:
+            got = await svc.fleet.update(record.node_id, lease, known=(record, rev))
+            return Lease(got, made[0])
         except TransitionError:
             continue
     return None
+
+
+async def _undo_early(
+    svc: Services, early: asyncio.Task[Lease | None] | None, model: str, task_id: str
+) -> None:
+    """A lease taken on arrival, beside the claim, that the request did not use: give it
+    back if this run made it (one that was there already is another run's)."""
+    if early is None:
+        return
+    try:
+        lease = await early
+    except Exception:
+        return
+    if lease is not None and lease.until is not None:
+        until = lease.until
+        with contextlib.suppress(Exception):
+            await svc.fleet.update(
+                lease.record.node_id, lambda r: state.drop_lease(r, model, task_id, until)
+            )
 
 
 async def warm_for_parked(svc: Services, model: str) -> int:
@@ -376,13 +421,28 @@ async def _decided(
         await svc.nc.publish(subject_for("planner.decided"), body, headers=headers)
 
 
+def _decided_soon(
+    svc: Services, task_id: str, model: str, decision: str, t0: float, **more: Any
+) -> None:
+    """`_decided` off the request's path: it runs while the runtime starts on the prompt."""
+    task = asyncio.create_task(_decided(svc, task_id, model, decision, t0, **more))
+    svc.background.add(task)
+    task.add_done_callback(svc.background.discard)
+
+
 async def _acquire(run: Run, event: Event, req: ChatRequested, info: Any) -> Held | Outcome:
     svc, task_id = run.svc, run.rec.task_id
     t0 = time.perf_counter()
-    record = await _lease_ready(svc, req.model, task_id)
-    if record is not None:
-        await _decided(svc, task_id, req.model, "resident", t0, node=record.node_id)
-        return Held(record, time.time())
+    # The hot path: a copy is ready (watched records, then one CAS). Only when none is
+    # seen are the records read afresh, so that a copy the watch has not shown yet is not
+    # loaded a second time.
+    early, run.early = run.early, None
+    lease = await (early if early is not None else _lease_ready(svc, req.model, task_id))
+    if lease is None:
+        lease = await _lease_ready(svc, req.model, task_id, fresh=True)
+    if lease is not None:
+        _decided_soon(svc, task_id, req.model, "resident", t0, node=lease.record.node_id)
+        return Held(lease.record, time.time())
     reserved, peers = await asyncio.gather(svc.waiting.models(), svc.waiting.of_model(req.model))
     peers = [w for w in peers if w.task_id != task_id]
     now = time.time()
@@ -492,12 +552,34 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         req = ChatRequested.model_validate(event.data)
     except ValidationError as exc:
         return await _reject_invalid(svc, event, client, exc)
-    claimed, info = await asyncio.gather(
-        _claim(svc, event, client, req, attempt), svc.catalog.get(req.model)
-    )
+    # A first delivery of a new request: its lease on a ready copy is taken at once, beside
+    # the claim (the lease names the task, so a duplicate's lease is the same one; one this
+    # run made and did not use is given back).
+    early = None
+    if attempt == 1 and WAKE_EXTENSION not in event.extensions:
+        early = asyncio.create_task(_lease_ready(svc, req.model, event.id))
+    try:
+        claimed, info = await asyncio.gather(
+            _claim(svc, event, client, req, attempt), svc.catalog.get(req.model)
+        )
+    except BaseException:
+        await asyncio.shield(_undo_early(svc, early, req.model, event.id))
+        raise
     if not isinstance(claimed, Run):
+        await _undo_early(svc, early, req.model, event.id)
         return claimed
     run = claimed
+    run.early = early
+    try:
+        return await _handle(svc, event, req, run, client, info)
+    finally:
+        if run.early is not None:  # not taken over by `_acquire`: the request ended before
+            await asyncio.shield(_undo_early(svc, run.early, req.model, event.id))
+
+
+async def _handle(
+    svc: Services, event: Event, req: ChatRequested, run: Run, client: str, info: Any
+) -> Outcome:
     if run.new:  # a new request (not a redelivery, a wake or a re-sent id)
         wait_s = svc.over_rate(client, time.time())
         if wait_s:

@@ -22,7 +22,7 @@ from domain.state import NodeRecord, Registration
 from events import bus
 from events.codec import CodecError, decode
 from events.types import client_of, subject_filter
-from runtimes import Runtime, make_runtime
+from runtimes import Runtime, load_plugins, make_runtime
 from stores.catalog import Catalog
 from stores.fleet import Fleet
 from stores.tasks import Tasks
@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     prefetch: bool = True  # warm a model's file into the page cache while its load waits
     # The key the node's llama-server was started with (--api-key); never printed.
     runtime_api_key: str | None = Field(default=None, repr=False)
+    # Modules imported at start that add runtime kinds (`runtimes.register`), comma-separated:
+    # a runtime adapter of your own, or the benchmark's stub (`bench.stub`).
+    runtime_plugins: str = ""
 
     def but(self, **changes: Any) -> Settings:
         """A copy with `changes`, validated like the environment is."""
@@ -83,6 +86,7 @@ class Services:
     _cancel_sub: Any = None
     _tokens_out: bus.AckedStream | None = None
     rates: dict[str, TokenBucket] = field(default_factory=dict)  # by client
+    background: set[asyncio.Task[Any]] = field(default_factory=set)  # kept until done
 
     def over_rate(self, client: str, now: float) -> float:
         """Take one new request of `client`: 0.0 if within its rate, else seconds to wait."""
@@ -154,6 +158,7 @@ class Services:
         return self.runtime(reg.runtime, reg.url, reg.runtime_log, reg.models_dir)
 
     async def close(self) -> None:
+        await self.fleet.close()
         for rt in self.runtimes.values():
             await rt.aclose()
         try:
@@ -173,6 +178,7 @@ async def open_services(
     """Connect (or use `nc`) and bind the KV buckets; `provision` creates streams/consumers/
     buckets first, with `replicas` (the stack and the CLI do; a function expects them)."""
     settings = settings or Settings()
+    load_plugins(settings.runtime_plugins)
     nc = nc or await bus.connect(settings.nats_url, name="ollama-autoscaler-functions")
     js = nc.jetstream()
     if provision:

@@ -6,6 +6,7 @@ the `runtime` field of a node record, never by importing an adapter.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,18 @@ RUNTIMES: dict[str, RuntimeFactory] = {
 def register(kind: str, factory: RuntimeFactory) -> None:
     """Add a runtime kind (the benchmark's stub registers itself this way)."""
     RUNTIMES[kind] = factory
+
+
+def load_plugins(modules: str) -> None:
+    """Import each module of the comma-separated `modules` (`OA_RUNTIME_PLUGINS`); each adds
+    its runtime kinds with `register` when imported. ValueError names one that fails."""
+    for name in (m.strip() for m in modules.split(",")):
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ValueError(f"runtime plugin {name!r} (OA_RUNTIME_PLUGINS) failed: {exc}") from exc
 
 
 def make_runtime(
@@ -44,4 +57,4 @@ def make_runtime(
     return factory(url, **extra)
 
 
-__all__ = ["RUNTIMES", "Runtime", "RuntimeFailure", "make_runtime", "register"]
+__all__ = ["RUNTIMES", "Runtime", "RuntimeFailure", "load_plugins", "make_runtime", "register"]

@@ -8,6 +8,7 @@ two writers can never both commit against the same revision (no over-commit, no 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -25,6 +26,9 @@ from events.keys import node_key, reg_key
 
 log = logging.getLogger("stores.fleet")
 NODE_LIST_TTL_S = 2.0
+# The watch's copy of the node records is trusted while it has heard something this recently
+# (every live node's agent writes its record every 2 s); else records are read.
+MIRROR_STALE_S = 5.0
 
 Transition = Callable[[NodeRecord], NodeRecord]
 
@@ -41,6 +45,13 @@ class Fleet:
         self._committers: set[asyncio.Task[None]] = set()
         self._ids: list[str] = []
         self._ids_at = 0.0
+        # A watch on every node record, started by the first `hot_nodes`: its latest value
+        # and revision per node (parsed when asked for, once per revision).
+        self._mirror: dict[str, tuple[bytes, int]] = {}
+        self._parsed: dict[str, tuple[NodeRecord, int]] = {}
+        self._mirror_synced = False
+        self._mirror_heard = 0.0
+        self._mirror_task: asyncio.Task[None] | None = None
 
     async def get(self, node_id: str) -> tuple[NodeRecord, int]:
         entry = await self.kv.get(node_key(node_id))
@@ -81,6 +92,63 @@ class Fleet:
                 self._ids = []  # gone: list them again next time
                 continue
         return out
+
+    async def hot_nodes(self) -> list[tuple[NodeRecord, int]]:
+        """The node records with no round trip, from a watch kept on them, while it is live;
+        else read (`nodes`). A record here may be a moment old: whoever changes a node does
+        so by compare-and-set on its revision, so an old one costs a failed CAS, never a
+        wrong change."""
+        if self._mirror_task is None or self._mirror_task.done():
+            self._mirror_task = asyncio.create_task(self._watch_nodes())
+        if not self._mirror_synced or time.monotonic() - self._mirror_heard > MIRROR_STALE_S:
+            return await self.nodes()
+        out = []
+        for node_id, (raw, rev) in list(self._mirror.items()):
+            parsed = self._parsed.get(node_id)
+            if parsed is None or parsed[1] != rev:
+                parsed = self._parsed[node_id] = NodeRecord.model_validate_json(raw), rev
+            out.append(parsed)
+        return sorted(out, key=lambda rv: rv[0].node_id)
+
+    async def _watch_nodes(self) -> None:
+        """Keep `_mirror` in step with the bucket's node records; on any trouble, start over
+        (the mirror is not trusted meanwhile)."""
+        while True:
+            self._mirror_synced = False
+            watcher = None
+            try:
+                watcher = await self.kv.watch("node.*")
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=MIRROR_STALE_S)  # type: ignore[no-untyped-call]
+                    except nats.errors.TimeoutError:
+                        continue
+                    self._mirror_heard = time.monotonic()
+                    if entry is None:  # the initial values are all in
+                        self._mirror_synced = True
+                        continue
+                    node_id = entry.key.removeprefix("node.")
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        self._mirror.pop(node_id, None)
+                        self._parsed.pop(node_id, None)
+                    else:
+                        self._mirror[node_id] = (entry.value, entry.revision or 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("node watch ended (%r); starting it again", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        if self._mirror_task is not None:
+            self._mirror_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._mirror_task
+            self._mirror_task = None
 
     async def update(
         self,
