@@ -140,10 +140,16 @@ async def _system(nc: Any, prompt: str, max_tokens: int) -> tuple[float, float]:
         TIMELINES.append(
             (t1 - t0, [(op.at - t0 - off, op.what) for op in mine if op.at < t1 + off])
         )
+        token_at = next((op.at for op in ops if op.what.endswith("chat.token")), None)
+        if token_at is not None and runtime_at <= token_at:
+            # The control plane's own share of this request's first token: all of it but
+            # the runtime's answer to the worker's call (its send to the first token sent on).
+            CONTROL_PLANE.append((t1 - t0) - (token_at - runtime_at))
     return (t1 - t0) * 1e3, (end - t0) * 1e3
 
 
 TRACER = Tracer()
+CONTROL_PLANE: list[float] = []  # per request: TTFT less the runtime's own part (s)
 TIMELINES: list[tuple[float, list[tuple[float, str]]]] = []  # (TTFT s, [(offset s, op)])
 STRETCHES: dict[str, list[list[Op]]] = {"to_runtime": [], "to_first_token": [], "whole_chat": []}
 
@@ -278,6 +284,10 @@ async def latency(
             row[f"round_trips_{stretch}_max"] = max(round_trips(r) for r in runs)
             row[f"ops_{stretch}"] = "; ".join(f"{n} x {w}" for w, n in sorted(parts.items()))
         runs.clear()
+    if CONTROL_PLANE:
+        for q in (0.5, 0.95, 0.99):
+            row[f"control_plane_ttft_p{int(q * 100)}_ms"] = pct(CONTROL_PLANE, q) * 1e3
+        CONTROL_PLANE.clear()
     if TIMELINES:
         ttft, ops = sorted(TIMELINES, key=lambda t: t[0])[len(TIMELINES) // 2]
         row["timeline_median_chat"] = " | ".join(
@@ -507,6 +517,21 @@ async def profiled_throughput(nats_url: str, clients: int, seconds: float, out: 
     print(f"full call tree: {out / 'overhead_profile.txt'}")
 
 
+GOALS = {"inprocess": (2.0, 10.0), "http": (3.0, None)}  # first-token overhead p50, p99 (ms)
+
+
+def _goal(transport: str, row: dict[str, Any]) -> str:
+    p50, p99 = GOALS.get(transport, (None, None))
+    said = []
+    if p50 is not None:
+        ok = row["overhead_ttft_p50_ms"] <= p50
+        said.append(f"goal p50 <= {p50:g} ms: {'met' if ok else 'MISSED'}")
+    if p99 is not None:
+        ok = row["overhead_ttft_p99_ms"] <= p99
+        said.append(f"p99 <= {p99:g} ms: {'met' if ok else 'MISSED'}")
+    return "; ".join(said) or "no goal"
+
+
 async def amain(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -523,7 +548,7 @@ async def amain(args: argparse.Namespace) -> int:
             f"transport {transport}: TTFT direct p50 {row['direct_ttft_p50_ms']:.1f} ms, "
             f"system p50 {row['system_ttft_p50_ms']:.1f} ms; overhead p50/p95/p99 "
             f"{row['overhead_ttft_p50_ms']:.1f} / {row['overhead_ttft_p95_ms']:.1f} / "
-            f"{row['overhead_ttft_p99_ms']:.1f} ms; total overhead p50 "
+            f"{row['overhead_ttft_p99_ms']:.1f} ms ({_goal(transport, row)}); total overhead p50 "
             f"{row['overhead_total_p50_ms']:.1f} ms; direct requests dropped by llama-server "
             f"and re-sent: {row['direct_dropped_by_llama_server']}"
         )
@@ -534,6 +559,13 @@ async def amain(args: argparse.Namespace) -> int:
                     f"{row[f'round_trips_{stretch}_max']}): {row[f'round_trips_{stretch}']} "
                     f"= {row[f'ops_{stretch}']}"
                 )
+        if "control_plane_ttft_p50_ms" in row:
+            print(
+                "  control plane's share of each request's first token (its TTFT less the "
+                "runtime's own answer to the worker's call) p50/p95/p99: "
+                + " / ".join(f"{row[f'control_plane_ttft_p{q}_ms']:.2f}" for q in (50, 95, 99))
+                + " ms"
+            )
         if "timeline_median_chat" in row:
             print(f"  the median chat, from its publish: {row['timeline_median_chat']}")
         for api, path in (("ollama", "/api/chat"), ("openai", "/v1/chat/completions")):

@@ -282,6 +282,7 @@ class Dispatcher:
         wanted = 0  # messages the open request may still bring
         expires_at = 0.0  # when the open request lapses (monotonic)
         wake = asyncio.Event()
+        held: list[Msg] = []  # what came after `stop`
 
         async def arrived(msg: Msg) -> None:
             nonlocal wanted
@@ -295,10 +296,8 @@ class Dispatcher:
                 wake.set()
                 return
             wanted = max(0, wanted - 1)
-            if stop.is_set():
-                with contextlib.suppress(Exception):
-                    await msg.nak()
-                self.stats.handed_back += 1
+            if stop.is_set():  # handed back once the open request is over (see below)
+                held.append(msg)
                 return
             task = asyncio.create_task(self._guarded(msg))
             self._tasks.add(task)
@@ -324,10 +323,15 @@ class Dispatcher:
                         max(0.01, expires_at + PULL_GRACE_S - time.monotonic())
                     ):
                         await wake.wait()
-            # Stopped: what the open request still brings is handed back (see `arrived`)
-            # until it lapses, so nothing waits out its ack wait on a dead inbox.
+            # Stopped: what the open request still brings is held until it lapses, then
+            # handed back (a nak at once would bring it straight back on the same request),
+            # so nothing waits out its ack wait on an inbox nobody reads.
             while wanted and time.monotonic() < expires_at:
                 await asyncio.sleep(0.02)
+            for msg in held:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                self.stats.handed_back += 1
         finally:
             stopper.cancel()
             with contextlib.suppress(Exception):

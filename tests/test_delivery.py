@@ -6,6 +6,7 @@ faults (a stream cut short, a load that hangs) can be injected into it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -725,3 +726,68 @@ async def test_a_load_whose_slot_went_while_it_loaded_is_unloaded_again(world):
     done = await outcome
     assert isinstance(done, Done) and "unloaded again" in done.note, done
     assert A not in world.fake.loaded
+
+
+# -- the pull loop and the lease taken on arrival (issue 12) ---------------------------------------
+async def test_a_stopped_dispatcher_hands_back_what_its_open_pull_request_still_brings(
+    fresh_nats_url,
+):
+    """A dispatcher keeps one pull request open; one that stops with it open must not take
+    a message onto an inbox nobody reads (it would wait out the 30 s ack wait): what still
+    comes is handed back, and the next dispatcher serves it at once."""
+    svc = await open_services(Settings(nats_url=fresh_nats_url), provision=True)
+    got: dict[str, list[str]] = {"first": [], "second": []}
+
+    def recorder(name: str) -> Any:
+        async def deliver(event: Event, attempt: int) -> Done:
+            got[name].append(event.id)
+            return Done()
+
+        return deliver
+
+    spec = bus.CONSUMERS["cancel"]
+    stop1, stop2 = asyncio.Event(), asyncio.Event()
+    first = Dispatcher(svc.js, spec, recorder("first"))
+    run1 = asyncio.create_task(first.run(stop1))
+
+    async def pull_open() -> bool:
+        return (await _consumer(svc, "cancel")).num_waiting >= 1
+
+    await wait_until(pull_open, timeout=10, what="the first dispatcher's pull request")
+    stop1.set()
+    ev = Event("chat.cancel", {"chat_id": "c1", "task_id": "t1"})
+    await bus.publish(svc.js, ev, client="client")
+    await asyncio.wait_for(run1, 10)
+    second = Dispatcher(svc.js, spec, recorder("second"))
+    run2 = asyncio.create_task(second.run(stop2))
+    await wait_until(lambda: ev.id in got["second"], timeout=10, what="the second dispatcher")
+    assert got["first"] == [] and first.stats.handed_back == 1
+    stop2.set()
+    await run2
+    await svc.close()
+
+
+async def test_a_lease_taken_on_arrival_is_given_back_when_the_request_does_not_use_it(world):
+    """A new request for a resident model takes its lease beside its claim. A request that
+    then ends without serving (refused for its options, or seen again after its end) gives
+    that lease back at once: it would otherwise hold the model against eviction for 60 s."""
+    await load.handle(world.svc, Event("model.load", ModelLoad(model=A).model_dump()), 1)
+    done = await (await world.session(A, max_tokens=2)).wait(30)
+    assert done.end.type == "chat.completed"
+    refused = await (await world.session(A, max_tokens=100_000)).wait(30)
+    assert refused.end.type == "chat.failed"
+    assert refused.end.data["error"]["code"] == "invalid_request"
+    # The first request again, as a new message (its own message id, so JetStream does not
+    # drop it as a copy): its stored end is sent again.
+    ends = await Collector().attach(world.svc.nc, "ollama.chat.completed.>")
+    first = await world.session(A, max_tokens=2)
+    again = dataclasses.replace(first.event, id=done.task_id)
+    await first.wait(30)
+    await bus.publish(world.svc.js, again, msg_id=f"{done.task_id}.again", client=first.client)
+    await wait_until(
+        lambda: len(ends_of(ends, done.task_id)) >= 1, timeout=30, what="the end sent again"
+    )
+    async def no_leases() -> bool:
+        return not (await world.node()).models[A].leases
+
+    await wait_until(no_leases, timeout=10, what="every lease given back")

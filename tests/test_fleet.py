@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from domain import planner, state
@@ -10,6 +11,8 @@ from domain.state import NodeRecord
 from events import bus
 from events.keys import node_key
 from stores.fleet import Fleet
+
+from .conftest import wait_until
 
 MIB = 1 << 20
 
@@ -110,5 +113,39 @@ async def test_one_process_commits_concurrent_changes_together_and_keeps_each_ou
     assert sorted(final.models["m"].leases) == sorted(f"t{i}" for i in range(40) if i % 10)
     writes = len(await fleet.kv.history(node_key("cas-2"))) - before
     assert 1 <= writes < 36  # batched: one write per batch, not per change
+    for c in conns:
+        await c.close()
+
+
+async def test_hot_nodes_follow_other_writers_through_the_watch_and_fall_back_to_reads(nats_url):
+    """The watch's copy of the node records shows another process's write (and a deleted
+    node going) without a read of its own; a copy that has heard nothing for too long is
+    not trusted: the records are read instead."""
+    (mine, theirs), conns = await _fleets(nats_url, 2)
+    await _node_with_ready_model(theirs, "hot-1")
+    await mine.hot_nodes()  # starts the watch
+
+    async def leased() -> bool:
+        return any(
+            r.node_id == "hot-1" and "t-hot" in r.models["m"].leases
+            for r, _ in await mine.hot_nodes()
+        )
+
+    await theirs.update("hot-1", lambda r: state.take_lease(r, "m", "t-hot", time.time()))
+    await wait_until(leased, timeout=10, what="the other writer's lease in the watched copy")
+    assert mine._mirror_synced and "hot-1" in mine._mirror
+    rev = (await theirs.get("hot-1"))[1]
+    assert await theirs.forget("hot-1", rev)
+    await wait_until(lambda: "hot-1" not in mine._mirror, timeout=10, what="the node's delete")
+    # Stale: the watch's copy says nothing of a node written meanwhile; a read does.
+    await _node_with_ready_model(theirs, "hot-2")
+    mine._mirror_task.cancel()
+    with contextlib.suppress(BaseException):
+        await mine._mirror_task
+    mine._mirror_heard -= 60
+    mine._mirror.pop("hot-2", None)
+    mine._ids = []
+    assert "hot-2" in {r.node_id for r, _ in await mine.hot_nodes()}
+    await mine.close()
     for c in conns:
         await c.close()
