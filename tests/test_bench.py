@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import random
+import time
 
 import pytest
 
 from bench import planner as bench_planner
 from bench.catalog import load_catalog
 from domain.planner import Candidate, min_cost_cover
+from events import bus
+from events.dispatcher import Dispatcher, in_process
+from functions import chat as chat_fn
+from functions.services import Settings, open_services
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_until
 
 
 def test_catalog_has_the_real_models():
@@ -123,6 +129,7 @@ def test_overhead_bench_quick_run_on_the_real_stack(tmp_path, capsys):
     from bench import overhead
 
     argv = ["--pairs", "2", "--transports", "inprocess", "--clients", "1", "--seconds", "0.3"]
+    argv += ["--workers", "0,1"]
     assert overhead.main([*argv, "--profile", "0", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "overhead_latency.csv").open()))
     assert rows[0]["transport"] == "inprocess" and int(rows[0]["pairs"]) == 2
@@ -132,7 +139,14 @@ def test_overhead_bench_quick_run_on_the_real_stack(tmp_path, capsys):
         float(rows[0]["ollama_gw_ttft_p50_ms"]) > 0 and float(rows[0]["openai_gw_ttft_p50_ms"]) > 0
     )
     assert "ollama_gw_over_nats_ttft_p50_ms" in rows[0]
-    assert "chats/s" in capsys.readouterr().out
+    assert int(rows[0]["round_trips_to_runtime"]) >= 2  # the claim and the lease at least
+    assert float(rows[0]["control_plane_ttft_p50_ms"]) > 0
+    out = capsys.readouterr().out
+    assert "chats/s" in out and "NATS round trips, to runtime" in out
+    # ... and served by a worker process too (`ollama-autoscaler worker`, the stub plugin)
+    served = list(csv.DictReader((tmp_path / "overhead_throughput.csv").open()))
+    assert {r["workers"] for r in served} == {"0", "1"}
+    assert all(int(r["completed"]) > 0 for r in served)
 
 
 def test_the_dashboard_json_is_the_one_its_panels_make():
@@ -163,3 +177,76 @@ def test_the_dashboard_plot_evaluates_rates_and_quantiles_as_promql_would():
     # half the observations at or under 0.1 s, all under 1 s: the median is 0.1, p75 is halfway
     assert evaluate(("quantile", h, 0.5), old, new) == {"": pytest.approx(0.1)}
     assert evaluate(("quantile", h, 0.75), old, new) == {"": pytest.approx(0.55)}
+
+
+async def test_a_request_for_a_resident_model_needs_two_round_trips_before_the_runtime(nats_url):
+    """The chat path's cost, counted on the wire: between a new request's publish and the
+    runtime's call, the worker makes exactly two round trips, the task's claim and the lease,
+    sent together (node records come from the watch, the catalog from its cache, the
+    decision's event is sent after)."""
+    from bench import overhead
+    from bench.roundtrips import Tracer, round_trips
+    from bench.stub import STUB_MODEL, StubRuntime
+
+    called: list[float] = []
+
+    class Timed(StubRuntime):
+        async def chat(self, *a, **kw):  # type: ignore[no-untyped-def]
+            called.append(time.perf_counter())
+            async for piece in super().chat(*a, **kw):
+                yield piece
+
+    svc = await open_services(Settings(nats_url=nats_url, client_rate=0), provision=True)
+    await overhead.stub_fleet(svc)  # the node's agent is not beating: nothing else writes
+    svc.runtimes[("stub", "stub://bench")] = Timed()
+    stop = asyncio.Event()
+    d = Dispatcher(
+        svc.js, bus.CONSUMERS["chat"], in_process(lambda e, a: chat_fn.handle(svc, e, a))
+    )
+    runner = asyncio.create_task(d.run(stop))
+    nc = await bus.connect(nats_url)
+    ends = await overhead.Ends(nc, "client").start()
+    tracer = Tracer().install()
+    try:
+        assert await ends.chat(STUB_MODEL) == "chat.completed"  # warm: watch, subscriptions
+        counts, kinds = [], set()
+        for _ in range(5):
+            # The previous chat's tail (its acknowledgement, the release's look at the
+            # waiting queue) is over before this one starts: only this chat is counted.
+            await wait_until(
+                lambda: not d._tasks and (svc.waiting._waker is None or svc.waiting._waker.done()),
+                timeout=10,
+                what="the previous chat's tail",
+            )
+            tracer.ops.clear()
+            tracer.on = True
+            t0 = time.perf_counter()
+            assert await ends.chat(STUB_MODEL) == "chat.completed"
+            tracer.on = False
+            before = [
+                op
+                for op in tracer.between(t0, called[-1])
+                if op.what != "JS publish chat.requested" and op.kind != "pull"
+            ]
+            counts.append(round_trips(before))
+            kinds |= {op.what for op in before if op.kind == "rt"}
+        assert counts == [2] * 5, counts
+        assert kinds == {"KV write tasks", "KV write fleet"}
+    finally:
+        tracer.uninstall()
+        stop.set()
+        await runner
+        await ends.stop()
+        await nc.close()
+        await svc.close()
+
+
+def test_runtime_plugins_add_kinds_and_a_bad_one_is_named():
+    """OA_RUNTIME_PLUGINS: each module named is imported and adds its runtime kinds; one
+    that cannot be imported stops the start with its name, not a bare ImportError."""
+    from runtimes import RUNTIMES, load_plugins, make_runtime
+
+    load_plugins(" bench.stub , ")
+    assert "stub" in RUNTIMES and make_runtime("stub", "stub://x").url == "stub://x"
+    with pytest.raises(ValueError, match="'no_such_plugin_module'"):
+        load_plugins("bench.stub,no_such_plugin_module")
