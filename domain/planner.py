@@ -24,7 +24,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Literal
 
 from .state import NodeRecord, Slot, decayed_rate
@@ -39,7 +39,6 @@ REUSE_HORIZON_S = 60.0
 RECENCY_PRIOR = 0.1
 ADMIT_RATIO = 8.0  # chosen with `make bench-sched` (its policy-steps table)
 HEARTBEAT_STALE_S = 30.0
-TAIL_STEP = 8  # the cardinality bound sorts the remaining items every TAIL_STEP positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,191 +152,165 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
     """Exact minimum of `tie_key` over subsets whose bytes cover `shortfall`.
 
     Returns () when nothing is short, None when even all candidates do not cover it.
-    One integer weight per item folds the whole key in. A greedy cover is the incumbent; a
-    reduction fixes the items that the LP bound says no better cover can flip; branch and
-    bound searches the rest with the Martello-Toth bound, a cardinality bound and dominance,
-    all in exact integers. (bench/planner.py times it against the brute force.)
+    One integer weight per item folds the whole key in. A greedy cover is the incumbent; then
+    an exact dynamic programme over a core that grows outward from the LP's critical item
+    (`_search`), all in exact integers. (bench/planner.py times it against the brute force
+    and against the previous branch and bound, bench/planner_v1.py.)
     """
     if shortfall <= 0:
         return ()
-    names = sorted(c.name for c in cands)
-    useful = sorted((c for c in cands if c.bytes > 0), key=lambda c: c.name)
+    rank = {name: r for r, name in enumerate(sorted(c.name for c in cands))}
+    useful = [c for c in cands if c.bytes > 0]
     total = sum(c.bytes for c in useful)
     if total < shortfall:
         return None
     n = len(cands)
-    rank = {name: r for r, name in enumerate(names)}
     # weight = ((cost*(n+1) + 1)*(total+1) + bytes) * 2**n + 2**rank: lexicographic in
     # (cost, count, bytes, bitmask) because count <= n, bytes <= total, bitmask < 2**n.
-    weight = {
-        c.name: (((c.cost * (n + 1) + 1) * (total + 1) + c.bytes) << n) + (1 << rank[c.name])
-        for c in useful
-    }
-
-    # Ratio order (weight per byte), exact: two different ratios w/b differ by at least
-    # 1/(b*b'), more than 2**-shift, so floor(w * 2**shift / b) never ties them.
-    shift = 2 * max(c.bytes for c in useful).bit_length() + 2
-    items = sorted(useful, key=lambda c: ((weight[c.name] << shift) // c.bytes, c.name))
-    w = [weight[c.name] for c in items]
-    b = [c.bytes for c in items]
+    n1, scale = n + 1, total + 1
+    weights = [(((c.cost * n1 + 1) * scale + c.bytes) << n) + (1 << rank[c.name]) for c in useful]
+    order = _ratio_order(weights, [c.bytes for c in useful])
+    w = [weights[i] for i in order]
+    b = [useful[i].bytes for i in order]
+    m = len(useful)
 
     # A good incumbent first: greedy in ratio order, then drop what the cover does not need
     # (dearest first). Any cover is a valid start; a tight one prunes most of the tree.
     greedy: list[int] = []
     need = shortfall
-    for i in range(len(items)):
+    for i in range(m):
         if need <= 0:
             break
         greedy.append(i)
         need -= b[i]
-    for i in sorted(greedy, key=lambda i: -w[i]):
+    for i in sorted(greedy, key=w.__getitem__, reverse=True):
         if need + b[i] <= 0:
             greedy.remove(i)
             need += b[i]
     best_w = sum(w[i] for i in greedy)
-    costs = [c.cost for c in items]
-    bits = [1 << rank[c.name] for c in items]
-    # Reduction, then an exact search over the items it leaves free.
-    fixed = _reduce(w, b, shortfall, best_w)
-    free = [i for i in range(len(items)) if fixed[i] == 0]
-    taken_in = [i for i in range(len(items)) if fixed[i] > 0]
-    need = shortfall - sum(b[i] for i in taken_in)
-    acc = sum(w[i] for i in taken_in)
-    found = _search(
-        [w[i] for i in free],
-        [b[i] for i in free],
-        [costs[i] for i in free],
-        [bits[i] for i in free],
-        need,
-        acc,
-        best_w,
-        n,
-        total,
-    )
-    best = greedy if found is None else taken_in + [free[k] for k in found]
-    return tuple(sorted((items[i] for i in best), key=lambda c: c.name))
+    found = _search(w, b, shortfall, 0, best_w)
+    best = greedy if found is None else found
+    return tuple(sorted((useful[order[i]] for i in best), key=lambda c: c.name))
 
 
-def _reduce(w: list[int], b: list[int], need: int, incumbent: int) -> list[int]:
-    """Fix items before the search (Dembo and Hammer's reduction): +1 must be taken, -1
-    must be left, 0 free. In ratio order the LP takes items[:p] whole, p the critical item.
-    If the LP bound with item j flipped (left out for j < p, forced in for j > p) cannot
-    beat the incumbent, no better cover flips j."""
-    m = len(b)
-    pre_b = list(accumulate(b, initial=0))
-    pre_w = list(accumulate(w, initial=0))
-    out = [0] * m
-    p = bisect_left(pre_b, need) - 1
-    for j in range(m):
-        if j < p:
-            q = bisect_left(pre_b, need + b[j]) - 1  # critical item without j (q > j)
-            if q >= m:
-                out[j] = 1  # nothing covers without j
-                continue
-            lb = pre_w[q] - w[j] + w[q] * (need + b[j] - pre_b[q]) // b[q]
-            if lb >= incumbent:
-                out[j] = 1
-        elif j > p:
-            rest = need - b[j]
-            lb = w[j]
-            if rest > 0:
-                q = bisect_left(pre_b, rest) - 1  # critical item for the rest (q < j)
-                lb += pre_w[q] + w[q] * (rest - pre_b[q]) // b[q]
-            if lb >= incumbent:
-                out[j] = -1
-    return out
+def _ratio_order(w: list[int], b: list[int]) -> list[int]:
+    """Indices in ascending weight-per-byte order, exactly (the LP bounds depend on it).
+
+    Sorted by the float ratio, then checked exactly pair by pair (w1*b2 <= w2*b1); where
+    rounding misorders a pair, sorted again by an exact key: two different ratios w/b differ
+    by at least 1/(b*b'), more than 2**-shift, so floor(w * 2**shift / b) never ties them.
+    (Equal ratios may go in either order.)
+    """
+    m = len(w)
+    if m and max(w).bit_length() < 1000:  # a float holds the ratio
+        order = sorted(range(m), key=lambda i: w[i] / b[i])
+        if all(w[i] * b[j] <= w[j] * b[i] for i, j in pairwise(order)):
+            return order
+    shift = 2 * max(b).bit_length() + 2
+    return sorted(range(m), key=lambda i: (w[i] << shift) // b[i])
 
 
 def _search(
     w: list[int],
     b: list[int],
-    costs: list[int],
-    bits: list[int],
     need: int,
     acc0: int,
     incumbent: int,
-    n: int,
-    total: int,
 ) -> list[int] | None:
-    """Branch and bound over items in ratio order: the indices of the least-weight cover of
-    `need` (plus `acc0` already taken) if it weighs less than `incumbent`, else None."""
+    """Exact: the indices of the least-weight cover of `need` from items in ratio order (plus
+    `acc0` already taken) if it weighs less than `incumbent`, else None.
+
+    Pisinger's expanding-core idea, for covering: the LP solution takes items[:p] whole. A
+    state fixes the core items[s:t] one way or the other and leaves the rest as the LP has them
+    (below s taken, from t on left); each step adds one item to the core, on the side whose
+    ratio is nearer the critical one's, and doubles the states (item flipped or not). A state
+    is dropped when another covers at least as many bytes and weighs no more (its completions
+    do no better), or when its LP bound cannot beat the incumbent. An item whose flip the LP
+    bound rules out against the incumbent is never added to the core (Dembo and Hammer's
+    reduction, tested as the incumbent improves). Weights are unique (the name bitmask), so the
+    least-weight cover, and the answer, are unique.
+    """
     if need <= 0:
         return [] if acc0 < incumbent else None
     m = len(b)
     pre_b = list(accumulate(b, initial=0))
     pre_w = list(accumulate(w, initial=0))
-    suffix = [pre_b[m] - pre_b[k] for k in range(m + 1)]
-    tails: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
-
-    def count_bound(k: int, need: int) -> int:
-        """A lower bound on the weight any cover of `need` from items[k:] adds.
-
-        It takes at least kmin items (largest first); any j >= kmin of them cost, weigh and
-        name-sum at least the kmin smallest of each, and cover at least `need` bytes.
-        """
-        k -= k % TAIL_STEP  # items[k:] only grows: still a valid bound, sorted less often
-        tail = tails.get(k)
-        if tail is None:
-            tail = (
-                list(accumulate(sorted(b[k:], reverse=True), initial=0)),
-                list(accumulate(sorted(b[k:]), initial=0)),
-                list(accumulate(sorted(costs[k:]), initial=0)),
-                list(accumulate(sorted(bits[k:]), initial=0)),
-            )
-            tails[k] = tail
-        largest, smallest, cheapest, lowest = tail
-        kmin = bisect_left(largest, need)
-        nbytes = max(need, smallest[kmin])
-        return ((((cheapest[kmin] * (n + 1)) + kmin) * (total + 1) + nbytes) << n) + lowest[kmin]
-
-    def bound(k: int, need: int) -> int:
-        """A lower bound over items[k:], at least the LP one. Items k..p-1 in ratio order
-        are taken whole and item p (critical) completes the cover. The LP takes a fraction
-        of p; an integer cover either leaves p out (the rest of the need at p+1's ratio or
-        worse) or takes it whole (the overshoot given back at most at p-1's ratio): the
-        smaller of those two (Martello and Toth's bound, for covering) is still valid."""
-        p = bisect_left(pre_b, pre_b[k] + need) - 1  # items[k:p] are taken whole
-        if p >= m:
-            return pre_w[m] - pre_w[k]
-        whole = pre_w[p] - pre_w[k]
-        left = need - (pre_b[p] - pre_b[k])
-        with_p = whole + w[p]
-        if p > k:
-            with_p -= -(-(b[p] - left) * w[p - 1] // b[p - 1])  # ceil of what it gives back
-        if p + 1 < m:
-            return min(with_p, whole + w[p + 1] * left // b[p + 1])
-        return with_p
-
-    # Dominance: if model j frees at least the bytes of model i and weighs no more, a cover
-    # never needs i without j (swapping i for j keeps the cover and lowers the weight). Such a
-    # j precedes i in ratio order, so when the search reaches i, j is already decided: take i
-    # only if every j that dominates it was taken. (Same size, cheaper: the common case.)
-    dominators = [[j for j in range(i) if b[j] >= b[i] and w[j] <= w[i]] for i in range(m)]
-    taken = [False] * m
-    chosen: list[int] = []
-    best_w, best = incumbent, None
-
-    def dfs(k: int, need: int, acc: int) -> None:
-        nonlocal best_w, best
-        if need <= 0:
-            if acc < best_w:
-                best_w, best = acc, list(chosen)
-            return
-        if k == m or suffix[k] < need:
-            return
-        if acc + bound(k, need) >= best_w or acc + count_bound(k, need) >= best_w:
-            return
-        dom = dominators[k]
-        if not dom or all(taken[j] for j in dom):
-            chosen.append(k)
-            taken[k] = True
-            dfs(k + 1, need - b[k], acc + w[k])
-            taken[k] = False
-            chosen.pop()
-        dfs(k + 1, need, acc)
-
-    dfs(0, need, acc0)
-    return best
+    p = bisect_left(pre_b, need) - 1  # the LP takes items[:p] whole; p is the critical item
+    if p >= m:
+        return None
+    # A state is (-bytes, weight, mask) for one assignment of the core items[s:t]; the items
+    # below s are taken and those from t on are left, as in the LP solution. Sorted, the
+    # states run from most bytes to fewest, the lightest first among equal bytes.
+    states = [(-pre_b[p], acc0 + sum(w[:p]), (1 << p) - 1)]
+    s = t = p
+    best_w, best_mask = incumbent, -1
+    bp, wp = b[p], w[p]
+    bisect = bisect_left
+    while states and (s > 0 or t < m):
+        # expand on the side whose next item's ratio is nearer the critical one's
+        if t < m and (
+            s == 0 or (w[t] * b[s - 1] + w[s - 1] * b[t]) * bp <= 2 * wp * b[t] * b[s - 1]
+        ):
+            j = t
+            t += 1
+            # Reduction (Dembo and Hammer) against the current incumbent: if the LP bound
+            # with j forced in cannot beat it, no better cover takes j.
+            rest = need - b[j]
+            lb = acc0 + w[j]
+            if rest > 0:
+                q = bisect_left(pre_b, rest) - 1
+                lb += pre_w[q] + w[q] * (rest - pre_b[q]) // b[q]
+            if lb >= best_w:
+                continue
+            bt, wt, bit = b[j], w[j], 1 << j
+            grown = [(x - bt, y + wt, z | bit) for x, y, z in states]
+        else:
+            s -= 1
+            j = s
+            # ... and if the LP bound with j left out cannot beat it, every better cover takes j
+            q = bisect_left(pre_b, need + b[j]) - 1
+            if q >= m:
+                continue
+            lb = acc0 + pre_w[q] - w[j] + w[q] * (need + b[j] - pre_b[q]) // b[q]
+            if lb >= best_w:
+                continue
+            bt, wt, bit = b[j], w[j], 1 << j
+            grown = [(x + bt, y - wt, z & ~bit) for x, y, z in states]
+        states += grown
+        states.sort()
+        kept = []
+        lightest = -1
+        top_b, top_w = pre_b[s], pre_w[s]  # what the items below s give back at most
+        base_b, base_w = pre_b[t], pre_w[t]  # items from t on are what can still be added
+        for x, y, z in states:  # most bytes first: keep only what no state dominates
+            if lightest >= 0 and y >= lightest:
+                continue
+            lightest = y
+            over = -x - need
+            if over >= 0:
+                if y < best_w:
+                    best_w, best_mask = y, z
+                # LP: give back the dearest items below s, a fraction of the last one
+                q = bisect(pre_b, top_b - over)
+                if q == 0:
+                    lb = y - top_w
+                else:
+                    left = over - (top_b - pre_b[q])
+                    lb = y - (top_w - pre_w[q]) - left * w[q - 1] // b[q - 1]
+            else:
+                # LP: add the cheapest items from t on, a fraction of the last one
+                q = bisect(pre_b, base_b - over) - 1
+                if q >= m:
+                    continue
+                left = base_b - over - pre_b[q]
+                lb = y + pre_w[q] - base_w + left * w[q] // b[q]
+            if lb >= best_w:
+                continue
+            kept.append((x, y, z))
+        states = kept
+    if best_mask < 0:
+        return None
+    return [i for i in range(m) if best_mask >> i & 1]
 
 
 def node_is_live(node: NodeRecord, now: float) -> bool:

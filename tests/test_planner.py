@@ -241,3 +241,57 @@ def test_admission_never_defers_without_eviction_or_under_other_policies():
     for policy in ("fewest", "lru"):
         result = planner.plan(PlanRequest("x", GIB, waited_s=0.0), [_warm_node()], NOW, policy)
         assert isinstance(result, Placement) and result.evict == ("warm",)
+
+
+def _catalog_instance(rng, n: int, policy: str) -> tuple[list[Candidate], int]:
+    """Like bench/planner.py: sizes of real catalog models (many repeats), random costs."""
+    from bench.catalog import load_catalog
+    from stores.catalog import estimate_loaded_bytes
+
+    sizes = [estimate_loaded_bytes(m.file_bytes) for m in load_catalog()]
+    picked = [rng.choice(sizes) for _ in range(n)]
+    if policy == "fewest":
+        costs = [0] * n
+    elif policy == "lru":
+        costs = [1 << r for r in rng.sample(range(n), n)]
+    else:
+        costs = [round((300 + b / 1e6) * rng.random() * 1000) for b in picked]
+    cands = [Candidate(f"m{i:03d}", picked[i], costs[i]) for i in range(n)]
+    return cands, int(sum(picked) * rng.uniform(0.05, 0.6))
+
+
+def test_solver_equals_the_previous_exact_solver_beyond_brute_force_sizes():
+    # Where the oracle cannot run (n = 24..96), the answer must be the previous branch and
+    # bound's (bench/planner_v1.py, itself checked against the oracle); `fewest` only to n = 32,
+    # where the old one finishes quickly.
+    import random
+
+    from bench import planner_v1
+
+    rng = random.Random(12)
+    for n, policy, count in [
+        (24, "lru", 40),
+        (32, "fewest", 40),
+        (64, "cost", 60),
+        (96, "cost", 20),
+    ]:
+        for _ in range(count):
+            cands, need = _catalog_instance(rng, n, policy)
+            got = planner.min_cost_cover(cands, need)
+            want = planner_v1.min_cost_cover(cands, need)
+            assert got == want, (n, policy)
+
+
+def test_ratio_order_is_exact_where_floats_cannot_tell():
+    # Ratios that differ past a float's precision: the float sort leaves them in input order
+    # (a tie), the exact check must catch it. The LP bounds are only valid in exact order.
+    w = [10**40 + 2, 10**40 + 1, 3 * 10**39]
+    b = [10**12, 10**12, 10**12 - 1]
+    assert sorted(range(3), key=lambda i: w[i] / b[i]) == [2, 0, 1]  # floats misorder 0, 1
+    assert planner._ratio_order(w, b) == [2, 1, 0]
+    # The solver on candidates whose weights tie as floats (same cost and size, the names
+    # differ in their bit only): still the oracle's answer.
+    cands = [Candidate(f"x{i}", 10**12 + i % 3, 10**15 + i % 2) for i in (5, 4, 3, 2, 1, 0)]
+    for need in (1, 10**12 + 1, 2 * 10**12 + 2, 3 * 10**12, 5 * 10**12 + 3):
+        got = planner.min_cost_cover(cands, need)
+        assert (None if got is None else tuple(c.name for c in got)) == oracle(cands, need)
