@@ -25,6 +25,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, pairwise
+from operator import attrgetter
 from typing import Literal
 
 from .state import NodeRecord, Slot, decayed_rate
@@ -159,52 +160,61 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
     """
     if shortfall <= 0:
         return ()
-    rank = {name: r for r, name in enumerate(sorted(c.name for c in cands))}
-    useful = [c for c in cands if c.bytes > 0]
-    total = sum(c.bytes for c in useful)
+    by_name = sorted(cands, key=attrgetter("name"))  # position = rank of the name
+    useful = [r for r, c in enumerate(by_name) if c.bytes > 0]
+    sizes = [by_name[r].bytes for r in useful]
+    total = sum(sizes)
     if total < shortfall:
         return None
     n = len(cands)
     # weight = ((cost*(n+1) + 1)*(total+1) + bytes) * 2**n + 2**rank: lexicographic in
     # (cost, count, bytes, bitmask) because count <= n, bytes <= total, bitmask < 2**n.
     n1, scale = n + 1, total + 1
-    weights = [(((c.cost * n1 + 1) * scale + c.bytes) << n) + (1 << rank[c.name]) for c in useful]
-    order = _ratio_order(weights, [c.bytes for c in useful])
+    weights = [
+        (((by_name[r].cost * n1 + 1) * scale + by_name[r].bytes) << n) + (1 << r) for r in useful
+    ]
+    order = _ratio_order(weights, sizes)
     w = [weights[i] for i in order]
-    b = [useful[i].bytes for i in order]
-    m = len(useful)
+    b = [sizes[i] for i in order]
 
     # A good incumbent first: greedy in ratio order, then drop what the cover does not need
     # (dearest first). Any cover is a valid start; a tight one prunes most of the tree.
-    greedy: list[int] = []
     need = shortfall
-    for i in range(m):
-        if need <= 0:
-            break
-        greedy.append(i)
-        need -= b[i]
-    for i in sorted(greedy, key=w.__getitem__, reverse=True):
-        if need + b[i] <= 0:
-            greedy.remove(i)
-            need += b[i]
+    k = 0
+    while need > 0:
+        need -= b[k]
+        k += 1
+    greedy = list(range(k))
+    if -need >= min(b[:k]):  # something can go
+        for i in sorted(greedy, key=w.__getitem__, reverse=True):
+            if need + b[i] <= 0:
+                greedy.remove(i)
+                need += b[i]
     best_w = sum(w[i] for i in greedy)
     found = _search(w, b, shortfall, 0, best_w)
     best = greedy if found is None else found
-    return tuple(sorted((useful[order[i]] for i in best), key=lambda c: c.name))
+    return tuple(by_name[r] for r in sorted(useful[order[i]] for i in best))
 
 
 def _ratio_order(w: list[int], b: list[int]) -> list[int]:
     """Indices in ascending weight-per-byte order, exactly (the LP bounds depend on it).
 
-    Sorted by the float ratio, then checked exactly pair by pair (w1*b2 <= w2*b1); where
-    rounding misorders a pair, sorted again by an exact key: two different ratios w/b differ
-    by at least 1/(b*b'), more than 2**-shift, so floor(w * 2**shift / b) never ties them.
-    (Equal ratios may go in either order.)
+    Sorted by the float ratio (int / int is correctly rounded: a relative error of at most
+    2**-53 each), so where two floats differ by more than 2**-50 of their size the order is
+    exact; the pairs closer than that are checked exactly (w1*b2 <= w2*b1). If one is
+    misordered, all are sorted again by an exact key: two different ratios w/b differ by at
+    least 1/(b*b'), more than 2**-shift, so floor(w * 2**shift / b) never ties them. (Equal
+    ratios may go in either order.)
     """
     m = len(w)
     if m and max(w).bit_length() < 1000:  # a float holds the ratio
-        order = sorted(range(m), key=lambda i: w[i] / b[i])
-        if all(w[i] * b[j] <= w[j] * b[i] for i, j in pairwise(order)):
+        ratio = [x / y for x, y in zip(w, b, strict=True)]
+        order = sorted(range(m), key=ratio.__getitem__)
+        close = 2.0**-50
+        if all(
+            ratio[j] - ratio[i] > ratio[i] * close or w[i] * b[j] <= w[j] * b[i]
+            for i, j in pairwise(order)
+        ):
             return order
     shift = 2 * max(b).bit_length() + 2
     return sorted(range(m), key=lambda i: (w[i] << shift) // b[i])
@@ -241,11 +251,12 @@ def _search(
     # A state is (-bytes, weight, mask) for one assignment of the core items[s:t]; the items
     # below s are taken and those from t on are left, as in the LP solution. Sorted, the
     # states run from most bytes to fewest, the lightest first among equal bytes.
-    states = [(-pre_b[p], acc0 + sum(w[:p]), (1 << p) - 1)]
+    states = [(need - pre_b[p], acc0 + pre_w[p], (1 << p) - 1)]
     s = t = p
     best_w, best_mask = incumbent, -1
     bp, wp = b[p], w[p]
     bisect = bisect_left
+    heaviest = acc0 + pre_w[m] + 1  # more than any state weighs
     while states and (s > 0 or t < m):
         # expand on the side whose next item's ratio is nearer the critical one's
         if t < m and (
@@ -258,55 +269,50 @@ def _search(
             rest = need - b[j]
             lb = acc0 + w[j]
             if rest > 0:
-                q = bisect_left(pre_b, rest) - 1
+                q = bisect(pre_b, rest) - 1
                 lb += pre_w[q] + w[q] * (rest - pre_b[q]) // b[q]
             if lb >= best_w:
                 continue
             bt, wt, bit = b[j], w[j], 1 << j
-            grown = [(x - bt, y + wt, z | bit) for x, y, z in states]
+            states += [(x - bt, y + wt, z | bit) for x, y, z in states]
         else:
             s -= 1
             j = s
             # ... and if the LP bound with j left out cannot beat it, every better cover takes j
-            q = bisect_left(pre_b, need + b[j]) - 1
+            q = bisect(pre_b, need + b[j]) - 1
             if q >= m:
                 continue
             lb = acc0 + pre_w[q] - w[j] + w[q] * (need + b[j] - pre_b[q]) // b[q]
             if lb >= best_w:
                 continue
             bt, wt, bit = b[j], w[j], 1 << j
-            grown = [(x + bt, y - wt, z & ~bit) for x, y, z in states]
-        states += grown
-        states.sort()
+            states += [(x + bt, y - wt, z & ~bit) for x, y, z in states]
+        states.sort()  # two sorted runs: a merge
         kept = []
-        lightest = -1
+        lightest = heaviest
         top_b, top_w = pre_b[s], pre_w[s]  # what the items below s give back at most
         base_b, base_w = pre_b[t], pre_w[t]  # items from t on are what can still be added
-        for x, y, z in states:  # most bytes first: keep only what no state dominates
-            if lightest >= 0 and y >= lightest:
-                continue
+        for x, y, z in states:  # x = need - bytes: most bytes first
+            if y >= lightest:
+                continue  # one with as many bytes or more weighs no more
             lightest = y
-            over = -x - need
-            if over >= 0:
+            if x <= 0:
                 if y < best_w:
                     best_w, best_mask = y, z
                 # LP: give back the dearest items below s, a fraction of the last one
-                q = bisect(pre_b, top_b - over)
-                if q == 0:
-                    lb = y - top_w
+                q = bisect(pre_b, top_b + x)
+                if q:
+                    lb = y - top_w + pre_w[q] - (pre_b[q] - top_b - x) * w[q - 1] // b[q - 1]
                 else:
-                    left = over - (top_b - pre_b[q])
-                    lb = y - (top_w - pre_w[q]) - left * w[q - 1] // b[q - 1]
+                    lb = y - top_w
             else:
                 # LP: add the cheapest items from t on, a fraction of the last one
-                q = bisect(pre_b, base_b - over) - 1
+                q = bisect(pre_b, base_b + x) - 1
                 if q >= m:
                     continue
-                left = base_b - over - pre_b[q]
-                lb = y + pre_w[q] - base_w + left * w[q] // b[q]
-            if lb >= best_w:
-                continue
-            kept.append((x, y, z))
+                lb = y + pre_w[q] - base_w + (base_b + x - pre_b[q]) * w[q] // b[q]
+            if lb < best_w:
+                kept.append((x, y, z))
         states = kept
     if best_mask < 0:
         return None
