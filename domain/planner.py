@@ -301,6 +301,10 @@ def _search(
                     best_w, best_mask = y, z
                 # LP: give back the dearest items below s, a fraction of the last one
                 q = bisect(pre_b, top_b + x)
+                if q < s:  # giving back items[q:s] whole is a cover too
+                    cover = y - top_w + pre_w[q]
+                    if cover < best_w:
+                        best_w, best_mask = cover, z & ~((1 << s) - (1 << q))
                 if q:
                     lb = y - top_w + pre_w[q] - (pre_b[q] - top_b - x) * w[q - 1] // b[q - 1]
                 else:
@@ -310,7 +314,11 @@ def _search(
                 q = bisect(pre_b, base_b + x) - 1
                 if q >= m:
                     continue
-                lb = y + pre_w[q] - base_w + (base_b + x - pre_b[q]) * w[q] // b[q]
+                lb = y + pre_w[q] - base_w
+                cover = lb + w[q]  # adding items[t:q+1] whole is a cover
+                if cover < best_w:
+                    best_w, best_mask = cover, z | ((2 << q) - (1 << t))
+                lb += (base_b + x - pre_b[q]) * w[q] // b[q]
             if lb < best_w:
                 kept.append((x, y, z))
         states = kept
