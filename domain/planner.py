@@ -173,7 +173,7 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
     weights = [
         (((by_name[r].cost * n1 + 1) * scale + by_name[r].bytes) << n) + (1 << r) for r in useful
     ]
-    order = _ratio_order(weights, sizes)
+    order, ratio = _ratio_order(weights, sizes)
     w = [weights[i] for i in order]
     b = [sizes[i] for i in order]
 
@@ -191,13 +191,14 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
                 greedy.remove(i)
                 need += b[i]
     best_w = sum(w[i] for i in greedy)
-    found = _search(w, b, shortfall, 0, best_w)
+    found = _search(w, b, shortfall, 0, best_w, ratio)
     best = greedy if found is None else found
     return tuple(by_name[r] for r in sorted(useful[order[i]] for i in best))
 
 
-def _ratio_order(w: list[int], b: list[int]) -> list[int]:
-    """Indices in ascending weight-per-byte order, exactly (the LP bounds depend on it).
+def _ratio_order(w: list[int], b: list[int]) -> tuple[list[int], list[float]]:
+    """Indices in ascending weight-per-byte order, exactly (the LP bounds depend on it), and
+    the ratios in that order as floats (approximate).
 
     Sorted by the float ratio (int / int is correctly rounded: a relative error of at most
     2**-53 each), so where two floats differ by more than 2**-50 of their size the order is
@@ -207,17 +208,17 @@ def _ratio_order(w: list[int], b: list[int]) -> list[int]:
     ratios may go in either order.)
     """
     m = len(w)
-    if m and max(w).bit_length() < 1000:  # a float holds the ratio
-        ratio = [x / y for x, y in zip(w, b, strict=True)]
-        order = sorted(range(m), key=ratio.__getitem__)
-        close = 2.0**-50
-        if all(
-            ratio[j] - ratio[i] > ratio[i] * close or w[i] * b[j] <= w[j] * b[i]
-            for i, j in pairwise(order)
-        ):
-            return order
-    shift = 2 * max(b).bit_length() + 2
-    return sorted(range(m), key=lambda i: (w[i] << shift) // b[i])
+    sh = max(0, max(w).bit_length() - 1000)  # a float holds the ratio of what is left
+    ratio = [(x >> sh) / y for x, y in zip(w, b, strict=True)]
+    order = sorted(range(m), key=ratio.__getitem__)
+    close = 2.0**-50
+    if sh or not all(
+        ratio[j] - ratio[i] > ratio[i] * close or w[i] * b[j] <= w[j] * b[i]
+        for i, j in pairwise(order)
+    ):
+        shift = 2 * max(b).bit_length() + 2
+        order = sorted(range(m), key=lambda i: (w[i] << shift) // b[i])
+    return order, [ratio[i] for i in order]
 
 
 def _search(
@@ -226,9 +227,11 @@ def _search(
     need: int,
     acc0: int,
     incumbent: int,
+    ratio: list[float],
 ) -> list[int] | None:
     """Exact: the indices of the least-weight cover of `need` from items in ratio order (plus
-    `acc0` already taken) if it weighs less than `incumbent`, else None.
+    `acc0` already taken) if it weighs less than `incumbent`, else None. `ratio`: each
+    item's weight per byte, approximately (it only orders the work).
 
     Pisinger's expanding-core idea, for covering: the LP solution takes items[:p] whole. A
     state fixes the core items[s:t] one way or the other and leaves the rest as the LP has them
@@ -254,14 +257,13 @@ def _search(
     states = [(need - pre_b[p], acc0 + pre_w[p], (1 << p) - 1)]
     s = t = p
     best_w, best_mask = incumbent, -1
-    bp, wp = b[p], w[p]
+    twice_p = 2 * ratio[p]
     bisect = bisect_left
     heaviest = acc0 + pre_w[m] + 1  # more than any state weighs
     while states and (s > 0 or t < m):
-        # expand on the side whose next item's ratio is nearer the critical one's
-        if t < m and (
-            s == 0 or (w[t] * b[s - 1] + w[s - 1] * b[t]) * bp <= 2 * wp * b[t] * b[s - 1]
-        ):
+        # expand on the side whose next item's ratio is nearer the critical one's (in floats:
+        # any order is exact, this one is quick)
+        if t < m and (s == 0 or ratio[t] + ratio[s - 1] <= twice_p):
             j = t
             t += 1
             # Reduction (Dembo and Hammer) against the current incumbent: if the LP bound

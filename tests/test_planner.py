@@ -288,7 +288,7 @@ def test_ratio_order_is_exact_where_floats_cannot_tell():
     w = [10**40 + 2, 10**40 + 1, 3 * 10**39]
     b = [10**12, 10**12, 10**12 - 1]
     assert sorted(range(3), key=lambda i: w[i] / b[i]) == [2, 0, 1]  # floats misorder 0, 1
-    assert planner._ratio_order(w, b) == [2, 1, 0]
+    assert planner._ratio_order(w, b)[0] == [2, 1, 0]
     # The solver on candidates whose weights tie as floats (same cost and size, the names
     # differ in their bit only): still the oracle's answer.
     cands = [Candidate(f"x{i}", 10**12 + i % 3, 10**15 + i % 2) for i in (5, 4, 3, 2, 1, 0)]
