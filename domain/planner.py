@@ -149,23 +149,47 @@ def tie_key(chosen: Sequence[Candidate], all_names: Sequence[str]) -> tuple[int,
     )
 
 
+# The solver's budget: states looked at before each step keeps only the BEAM of least bound.
+STATE_BUDGET = 100_000
+BEAM = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Cover:
+    """`solve_cover`'s answer. `proven`: it is the exact minimum of `tie_key`, as always unless
+    the search ran out of its state budget (STATE_BUDGET); then `floor` is a proven lower bound
+    on the optimum's (cost, count, bytes), lexicographic: no cover's key is below it."""
+
+    chosen: tuple[Candidate, ...] | None
+    proven: bool = True
+    floor: tuple[int, int, int] | None = None
+
+
 def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidate, ...] | None:
-    """Exact minimum of `tie_key` over subsets whose bytes cover `shortfall`.
+    """The minimum of `tie_key` over subsets whose bytes cover `shortfall` (exact unless the
+    state budget runs out: see `solve_cover`).
 
     Returns () when nothing is short, None when even all candidates do not cover it.
+    """
+    return solve_cover(cands, shortfall).chosen
+
+
+def solve_cover(cands: Sequence[Candidate], shortfall: int) -> Cover:
+    """`min_cost_cover` with its proof status.
+
     One integer weight per item folds the whole key in. A greedy cover is the incumbent; then
     an exact dynamic programme over a core that grows outward from the LP's critical item
     (`_search`), all in exact integers. (bench/planner.py times it against the brute force
     and against the previous branch and bound, bench/planner_v1.py.)
     """
     if shortfall <= 0:
-        return ()
+        return Cover(())
     by_name = sorted(cands, key=attrgetter("name"))  # position = rank of the name
     useful = [r for r, c in enumerate(by_name) if c.bytes > 0]
     sizes = [by_name[r].bytes for r in useful]
     total = sum(sizes)
     if total < shortfall:
-        return None
+        return Cover(None)
     n = len(cands)
     # weight = ((cost*(n+1) + 1)*(total+1) + bytes) * 2**n + 2**rank: lexicographic in
     # (cost, count, bytes, bitmask) because count <= n, bytes <= total, bitmask < 2**n.
@@ -191,9 +215,19 @@ def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidat
                 greedy.remove(i)
                 need += b[i]
     best_w = sum(w[i] for i in greedy)
-    found = _search(w, b, shortfall, 0, best_w, ratio)
+    found, floor_w = _search(w, b, shortfall, best_w, ratio)
     best = greedy if found is None else found
-    return tuple(by_name[r] for r in sorted(useful[order[i]] for i in best))
+    chosen = tuple(by_name[r] for r in sorted(useful[order[i]] for i in best))
+    if floor_w is None:
+        return Cover(chosen)
+    # The floor weight in the same mixed radix: (cost, count, bytes) that no cover is below.
+    # Raised to (that cost, the fewest models that can cover, the shortfall), also a floor:
+    # a cover of that cost has at least so many models and frees at least the shortfall.
+    q, nbytes = divmod(floor_w >> n, scale)
+    cost, count = divmod(q, n1)
+    fewest = bisect_left(list(accumulate(sorted(sizes, reverse=True))), shortfall) + 1
+    floor = max((cost, count, nbytes), (cost, fewest, shortfall))
+    return Cover(chosen, proven=False, floor=floor)
 
 
 def _ratio_order(w: list[int], b: list[int]) -> tuple[list[int], list[float]]:
@@ -222,44 +256,46 @@ def _ratio_order(w: list[int], b: list[int]) -> tuple[list[int], list[float]]:
 
 
 def _search(
-    w: list[int],
-    b: list[int],
-    need: int,
-    acc0: int,
-    incumbent: int,
-    ratio: list[float],
-) -> list[int] | None:
-    """Exact: the indices of the least-weight cover of `need` from items in ratio order (plus
-    `acc0` already taken) if it weighs less than `incumbent`, else None. `ratio`: each
-    item's weight per byte, approximately (it only orders the work).
+    w: list[int], b: list[int], need: int, incumbent: int, ratio: list[float]
+) -> tuple[list[int] | None, int | None]:
+    """The indices of the least-weight cover of `need` from items in ratio order if it weighs
+    less than `incumbent` (else None), and None if that is proven, else a proven lower bound
+    on the least weight (the state budget ran out). `ratio`: each item's weight per byte,
+    approximately (it only orders the work).
 
     Pisinger's expanding-core idea, for covering: the LP solution takes items[:p] whole. A
     state fixes the core items[s:t] one way or the other and leaves the rest as the LP has them
     (below s taken, from t on left); each step adds one item to the core, on the side whose
     ratio is nearer the critical one's, and doubles the states (item flipped or not). A state
     is dropped when another covers at least as many bytes and weighs no more (its completions
-    do no better), or when its LP bound cannot beat the incumbent. An item whose flip the LP
-    bound rules out against the incumbent is never added to the core (Dembo and Hammer's
-    reduction, tested as the incumbent improves). Weights are unique (the name bitmask), so the
-    least-weight cover, and the answer, are unique.
+    do no better), or when its LP bound cannot beat the incumbent; each state's LP solution
+    rounded to a whole cover is tried as the incumbent. An item whose flip the LP bound rules
+    out against the incumbent is never added to the core (Dembo and Hammer's reduction, tested
+    as the incumbent improves). Weights are unique (the name bitmask), so the least-weight
+    cover, and the answer, are unique.
+
+    Budget: once STATE_BUDGET states have been looked at, each step keeps only the BEAM states
+    of least bound; the least bound dropped is then the lower bound returned (exact again if
+    the incumbent is at or below it). A subset-sum-like instance (equal costs, policy fewest,
+    bytes the only tie-break) is where that happens: see `make bench-planner`.
     """
-    if need <= 0:
-        return [] if acc0 < incumbent else None
     m = len(b)
     pre_b = list(accumulate(b, initial=0))
     pre_w = list(accumulate(w, initial=0))
     p = bisect_left(pre_b, need) - 1  # the LP takes items[:p] whole; p is the critical item
     if p >= m:
-        return None
-    # A state is (-bytes, weight, mask) for one assignment of the core items[s:t]; the items
-    # below s are taken and those from t on are left, as in the LP solution. Sorted, the
-    # states run from most bytes to fewest, the lightest first among equal bytes.
-    states = [(need - pre_b[p], acc0 + pre_w[p], (1 << p) - 1)]
+        return None, None
+    # A state is (need - bytes, weight, mask) for one assignment of the core items[s:t]; the
+    # items below s are taken and those from t on are left, as in the LP solution. Sorted,
+    # the states run from most bytes to fewest, the lightest first among equal bytes.
+    states = [(need - pre_b[p], pre_w[p], (1 << p) - 1)]
     s = t = p
     best_w, best_mask = incumbent, -1
     twice_p = 2 * ratio[p]
     bisect = bisect_left
-    heaviest = acc0 + pre_w[m] + 1  # more than any state weighs
+    heaviest = pre_w[m] + 1  # more than any state weighs
+    budget = STATE_BUDGET
+    floor_w = heaviest  # the least bound of a state dropped for the budget
     while states and (s > 0 or t < m):
         # expand on the side whose next item's ratio is nearer the critical one's (in floats:
         # any order is exact, this one is quick)
@@ -269,7 +305,7 @@ def _search(
             # Reduction (Dembo and Hammer) against the current incumbent: if the LP bound
             # with j forced in cannot beat it, no better cover takes j.
             rest = need - b[j]
-            lb = acc0 + w[j]
+            lb = w[j]
             if rest > 0:
                 q = bisect(pre_b, rest) - 1
                 lb += pre_w[q] + w[q] * (rest - pre_b[q]) // b[q]
@@ -284,13 +320,15 @@ def _search(
             q = bisect(pre_b, need + b[j]) - 1
             if q >= m:
                 continue
-            lb = acc0 + pre_w[q] - w[j] + w[q] * (need + b[j] - pre_b[q]) // b[q]
+            lb = pre_w[q] - w[j] + w[q] * (need + b[j] - pre_b[q]) // b[q]
             if lb >= best_w:
                 continue
             bt, wt, bit = b[j], w[j], 1 << j
             states += [(x + bt, y - wt, z & ~bit) for x, y, z in states]
         states.sort()  # two sorted runs: a merge
+        budget -= len(states)
         kept = []
+        bounds = []  # each kept state's bound, once over budget
         lightest = heaviest
         top_b, top_w = pre_b[s], pre_w[s]  # what the items below s give back at most
         base_b, base_w = pre_b[t], pre_w[t]  # items from t on are what can still be added
@@ -323,10 +361,15 @@ def _search(
                 lb += (base_b + x - pre_b[q]) * w[q] // b[q]
             if lb < best_w:
                 kept.append((x, y, z))
+                if budget < 0:
+                    bounds.append(lb)
+        if budget < 0 and len(kept) > BEAM:
+            rank = sorted(range(len(kept)), key=bounds.__getitem__)
+            floor_w = min(floor_w, bounds[rank[BEAM]])
+            kept = [kept[i] for i in sorted(rank[:BEAM])]
         states = kept
-    if best_mask < 0:
-        return None
-    return [i for i in range(m) if best_mask >> i & 1]
+    found = None if best_mask < 0 else [i for i in range(m) if best_mask >> i & 1]
+    return found, None if best_w <= floor_w else floor_w
 
 
 def node_is_live(node: NodeRecord, now: float) -> bool:
