@@ -163,3 +163,32 @@ def test_the_dashboard_plot_evaluates_rates_and_quantiles_as_promql_would():
     # half the observations at or under 0.1 s, all under 1 s: the median is 0.1, p75 is halfway
     assert evaluate(("quantile", h, 0.5), old, new) == {"": pytest.approx(0.1)}
     assert evaluate(("quantile", h, 0.75), old, new) == {"": pytest.approx(0.55)}
+
+
+def test_planner_bench_goals_say_met_or_missed():
+    rows: list[dict[str, object]] = [
+        {"n": 20, "policy": "fewest", "speedup_p50": 1500.0},
+        {"n": 64, "policy": "cost", "exact_p99_ms": 0.9, "unproven": 0},
+        {"n": 128, "policy": "cost", "exact_p99_ms": 2.5, "unproven": 0},
+        {
+            "n": 64,
+            "policy": "fewest",
+            "exact_max_ms": 30.0,
+            "unproven": 0,
+            "unproven_max_gap_bytes": 0,
+        },
+        {
+            "n": 128,
+            "policy": "fewest",
+            "exact_max_ms": 400.0,
+            "unproven": 2,
+            "unproven_max_gap_bytes": 1234,
+        },
+    ]
+    lines = bench_planner.goals(rows)
+    assert "n=64 (cost): 0.900 ms -> met" in lines[0]
+    assert "n=128 (cost): 2.500 ms -> MISSED" in lines[1]
+    assert "max 400.0 ms, 2 answer(s) not proven optimal, at most 1234 bytes" in lines[2]
+    assert lines[2].endswith("-> met") and lines[4].endswith("1500x -> met")
+    rows[4]["exact_max_ms"] = 5000.0
+    assert bench_planner.goals(rows)[2].endswith("-> MISSED")
