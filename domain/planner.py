@@ -329,9 +329,13 @@ def _search(
         budget -= len(states)
         kept = []
         bounds = []  # each kept state's bound, once over budget
+        keep, over = kept.append, budget < 0
         lightest = heaviest
         top_b, top_w = pre_b[s], pre_w[s]  # what the items below s give back at most
         base_b, base_w = pre_b[t], pre_w[t]  # items from t on are what can still be added
+        b_out, w_out = (b[s - 1], w[s - 1]) if s else (0, 0)  # the next to give back
+        b_in, w_in = (b[t], w[t]) if t < m else (0, 0)  # the next to add
+        bit_in = 1 << t
         for x, y, z in states:  # x = need - bytes: most bytes first
             if y >= lightest:
                 continue  # one with as many bytes or more weighs no more
@@ -340,15 +344,22 @@ def _search(
                 if y < best_w:
                     best_w, best_mask = y, z
                 # LP: give back the dearest items below s, a fraction of the last one
-                q = bisect(pre_b, top_b + x)
-                if q < s:  # giving back items[q:s] whole is a cover too
-                    cover = y - top_w + pre_w[q]
-                    if cover < best_w:
-                        best_w, best_mask = cover, z & ~((1 << s) - (1 << q))
-                if q:
-                    lb = y - top_w + pre_w[q] - (pre_b[q] - top_b - x) * w[q - 1] // b[q - 1]
+                if -x < b_out:  # (the usual case: a fraction of the next one only)
+                    lb = y - -x * w_out // b_out
                 else:
-                    lb = y - top_w
+                    q = bisect(pre_b, top_b + x)
+                    if q < s:  # giving back items[q:s] whole is a cover too
+                        cover = y - top_w + pre_w[q]
+                        if cover < best_w:
+                            best_w, best_mask = cover, z & ~((1 << s) - (1 << q))
+                    if q:
+                        lb = y - top_w + pre_w[q] - (pre_b[q] - top_b - x) * w[q - 1] // b[q - 1]
+                    else:
+                        lb = y - top_w
+            elif x <= b_in:  # LP: a fraction of the next item to add covers it
+                if y + w_in < best_w:  # adding it whole is a cover
+                    best_w, best_mask = y + w_in, z | bit_in
+                lb = y + x * w_in // b_in
             else:
                 # LP: add the cheapest items from t on, a fraction of the last one
                 q = bisect(pre_b, base_b + x) - 1
@@ -360,8 +371,8 @@ def _search(
                     best_w, best_mask = cover, z | ((2 << q) - (1 << t))
                 lb += (base_b + x - pre_b[q]) * w[q] // b[q]
             if lb < best_w:
-                kept.append((x, y, z))
-                if budget < 0:
+                keep((x, y, z))
+                if over:
                     bounds.append(lb)
         if budget < 0 and len(kept) > BEAM:
             rank = sorted(range(len(kept)), key=bounds.__getitem__)
