@@ -327,7 +327,7 @@ def _search(
             states += [(x + bt, y - wt, z & ~bit) for x, y, z in states]
         states.sort()  # two sorted runs: a merge
         budget -= len(states)
-        kept = []
+        kept: list[tuple[int, int, int]] = []
         bounds = []  # each kept state's bound, once over budget
         keep, over = kept.append, budget < 0
         lightest = heaviest
