@@ -271,7 +271,9 @@ def _search(
     do no better), or when its LP bound cannot beat the incumbent; each state's LP solution
     rounded to a whole cover is tried as the incumbent. An item whose flip the LP bound rules
     out against the incumbent is never added to the core (Dembo and Hammer's reduction, tested
-    as the incumbent improves). Weights are unique (the name bitmask), so the least-weight
+    as the incumbent improves). Dominance between items: a state takes an item only with every
+    core item that frees at least as much and weighs no more, and gives one back only without
+    any core item that frees no more and weighs more (a swap would do better). Weights are unique (the name bitmask), so the least-weight
     cover, and the answer, are unique.
 
     Budget: once STATE_BUDGET states have been looked at, each step keeps only the BEAM states
@@ -296,6 +298,7 @@ def _search(
     heaviest = pre_w[m] + 1  # more than any state weighs
     budget = STATE_BUDGET
     floor_w = heaviest  # the least bound of a state dropped for the budget
+    core: list[int] = []
     while states and (s > 0 or t < m):
         # expand on the side whose next item's ratio is nearer the critical one's (in floats:
         # any order is exact, this one is quick)
@@ -312,7 +315,16 @@ def _search(
             if lb >= best_w:
                 continue
             bt, wt, bit = b[j], w[j], 1 << j
-            states += [(x - bt, y + wt, z | bit) for x, y, z in states]
+            # never take j without a core item that frees as much and weighs no more
+            dom = 0
+            for i in core:
+                if b[i] >= bt and w[i] <= wt:
+                    dom |= 1 << i
+            core.append(j)
+            if dom:
+                states += [(x - bt, y + wt, z | bit) for x, y, z in states if z & dom == dom]
+            else:
+                states += [(x - bt, y + wt, z | bit) for x, y, z in states]
         else:
             s -= 1
             j = s
@@ -324,7 +336,16 @@ def _search(
             if lb >= best_w:
                 continue
             bt, wt, bit = b[j], w[j], 1 << j
-            states += [(x + bt, y - wt, z & ~bit) for x, y, z in states]
+            # never give j back while keeping a core item that frees no more and weighs more
+            sub = 0
+            for i in core:
+                if b[i] <= bt and w[i] >= wt:
+                    sub |= 1 << i
+            core.append(j)
+            if sub:
+                states += [(x + bt, y - wt, z & ~bit) for x, y, z in states if not z & sub]
+            else:
+                states += [(x + bt, y - wt, z & ~bit) for x, y, z in states]
         states.sort()  # two sorted runs: a merge
         budget -= len(states)
         kept: list[tuple[int, int, int]] = []
