@@ -273,8 +273,8 @@ def _search(
     out against the incumbent is never added to the core (Dembo and Hammer's reduction, tested
     as the incumbent improves). Dominance between items: a state takes an item only with every
     core item that frees at least as much and weighs no more, and gives one back only without
-    any core item that frees no more and weighs more (a swap would do better). Weights are unique (the name bitmask), so the least-weight
-    cover, and the answer, are unique.
+    any core item that frees no more and weighs more (a swap would do better). Weights are
+    unique (the name bitmask), so the least-weight cover, and the answer, are unique.
 
     Budget: once STATE_BUDGET states have been looked at, each step keeps only the BEAM states
     of least bound; the least bound dropped is then the lower bound returned (exact again if
@@ -317,9 +317,10 @@ def _search(
             bt, wt, bit = b[j], w[j], 1 << j
             # never take j without a core item that frees as much and weighs no more
             dom = 0
-            for i in core:
-                if b[i] >= bt and w[i] <= wt:
-                    dom |= 1 << i
+            if len(states) > 8:
+                for i in core:
+                    if b[i] >= bt and w[i] <= wt:
+                        dom |= 1 << i
             core.append(j)
             if dom:
                 states += [(x - bt, y + wt, z | bit) for x, y, z in states if z & dom == dom]
@@ -338,9 +339,10 @@ def _search(
             bt, wt, bit = b[j], w[j], 1 << j
             # never give j back while keeping a core item that frees no more and weighs more
             sub = 0
-            for i in core:
-                if b[i] <= bt and w[i] >= wt:
-                    sub |= 1 << i
+            if len(states) > 8:
+                for i in core:
+                    if b[i] <= bt and w[i] >= wt:
+                        sub |= 1 << i
             core.append(j)
             if sub:
                 states += [(x + bt, y - wt, z & ~bit) for x, y, z in states if not z & sub]
