@@ -1,9 +1,12 @@
 """The placement planner: where a model goes and which idle models make room. Pure, no I/O.
 
 The eviction set on a node is a minimum-cost subset of its evictable models whose bytes cover
-the shortfall (a covering knapsack), solved exactly by branch and bound with the LP
-(fractional) bound. Costs are integers so that "equal" means equal; ties are broken the same
-way by every policy and by the brute-force oracle in the tests (see `tie_key`):
+the shortfall (a covering knapsack), solved exactly by a dynamic programme over a core of
+items that grows outward from the LP's critical item, with LP bounds and dominance (see
+`_search`); a state budget bounds it, and `solve_cover` says when an answer is not proven
+optimal (in practice only `fewest`'s subset-sum-like bytes tie-break at large n). Costs are
+integers so that "equal" means equal; ties are broken the same way by every policy and by the
+brute-force oracle in the tests (see `tie_key`):
     (policy cost, number of victims, bytes freed, a bitmask of victim names).
 
 Policies:
