@@ -362,6 +362,9 @@ def _search(
         b_out, w_out = (b[s - 1], w[s - 1]) if s else (0, 0)  # the next to give back
         b_in, w_in = (b[t], w[t]) if t < m else (0, 0)  # the next to add
         bit_in = 1 << t
+        # Bounds are compared without dividing (division is the dear part):
+        # base - a // d < best  <=>  base - best < 0 or a >= (base - best + 1) * d, and
+        # base + a // d < best  <=>  a < (best - base) * d   (a >= 0, d > 0).
         for x, y, z in states:  # x = need - bytes: most bytes first
             if y >= lightest:
                 continue  # one with as many bytes or more weighs no more
@@ -371,35 +374,40 @@ def _search(
                     best_w, best_mask = y, z
                 # LP: give back the dearest items below s, a fraction of the last one
                 if -x < b_out:  # (the usual case: a fraction of the next one only)
-                    lb = y - -x * w_out // b_out
+                    base, num, den = y, -x * w_out, b_out
                 else:
                     q = bisect(pre_b, top_b + x)
-                    if q < s:  # giving back items[q:s] whole is a cover too
-                        cover = y - top_w + pre_w[q]
-                        if cover < best_w:
-                            best_w, best_mask = cover, z & ~((1 << s) - (1 << q))
+                    base = y - top_w + pre_w[q]
+                    if q < s and base < best_w:  # giving back items[q:s] whole is a cover too
+                        best_w, best_mask = base, z & ~((1 << s) - (1 << q))
                     if q:
-                        lb = y - top_w + pre_w[q] - (pre_b[q] - top_b - x) * w[q - 1] // b[q - 1]
+                        num, den = (pre_b[q] - top_b - x) * w[q - 1], b[q - 1]
                     else:
-                        lb = y - top_w
-            elif x <= b_in:  # LP: a fraction of the next item to add covers it
-                if y + w_in < best_w:  # adding it whole is a cover
-                    best_w, best_mask = y + w_in, z | bit_in
-                lb = y + x * w_in // b_in
-            else:
-                # LP: add the cheapest items from t on, a fraction of the last one
-                q = bisect(pre_b, base_b + x) - 1
-                if q >= m:
+                        num, den = 0, 1
+                over_by = base - best_w
+                if over_by >= 0 and num < (over_by + 1) * den:
                     continue
-                lb = y + pre_w[q] - base_w
-                cover = lb + w[q]  # adding items[t:q+1] whole is a cover
-                if cover < best_w:
-                    best_w, best_mask = cover, z | ((2 << q) - (1 << t))
-                lb += (base_b + x - pre_b[q]) * w[q] // b[q]
-            if lb < best_w:
-                keep((x, y, z))
                 if over:
-                    bounds.append(lb)
+                    bounds.append(base - num // den)
+            else:
+                if x <= b_in:  # LP: a fraction of the next item to add covers it
+                    if y + w_in < best_w:  # adding it whole is a cover
+                        best_w, best_mask = y + w_in, z | bit_in
+                    base, num, den = y, x * w_in, b_in
+                else:
+                    # LP: add the cheapest items from t on, a fraction of the last one
+                    q = bisect(pre_b, base_b + x) - 1
+                    if q >= m:
+                        continue
+                    base = y + pre_w[q] - base_w
+                    if base + w[q] < best_w:  # adding items[t:q+1] whole is a cover
+                        best_w, best_mask = base + w[q], z | ((2 << q) - (1 << t))
+                    num, den = (base_b + x - pre_b[q]) * w[q], b[q]
+                if num >= (best_w - base) * den:
+                    continue
+                if over:
+                    bounds.append(base + num // den)
+            keep((x, y, z))
         if budget < 0 and len(kept) > BEAM:
             rank = sorted(range(len(kept)), key=bounds.__getitem__)
             floor_w = min(floor_w, bounds[rank[BEAM]])
