@@ -365,7 +365,8 @@ def _search(
         # Bounds are compared without dividing (division is the dear part):
         # base - a // d < best  <=>  base - best < 0 or a >= (base - best + 1) * d, and
         # base + a // d < best  <=>  a < (best - base) * d   (a >= 0, d > 0).
-        for x, y, z in states:  # x = need - bytes: most bytes first
+        for state in states:  # x = need - bytes: most bytes first
+            x, y, z = state
             if y >= lightest:
                 continue  # one with as many bytes or more weighs no more
             lightest = y
@@ -407,7 +408,7 @@ def _search(
                     continue
                 if over:
                     bounds.append(base + num // den)
-            keep((x, y, z))
+            keep(state)
         if budget < 0 and len(kept) > BEAM:
             rank = sorted(range(len(kept)), key=bounds.__getitem__)
             floor_w = min(floor_w, bounds[rank[BEAM]])
