@@ -218,6 +218,29 @@ def solve_cover(cands: Sequence[Candidate], shortfall: int) -> Cover:
                 greedy.remove(i)
                 need += b[i]
     best_w = sum(w[i] for i in greedy)
+    # Another: the items before the critical one, then from the critical one on each item
+    # that fits in what is left to cover, and the cheapest single item that covers the rest.
+    left = shortfall - sum(b[: k - 1])
+    fill, fill_w, finish = list(range(k - 1)), sum(w[: k - 1]), -1
+    for j in range(k - 1, len(b)):
+        if b[j] < left:
+            fill.append(j)
+            fill_w += w[j]
+            left -= b[j]
+        elif finish < 0 or w[j] < w[finish]:
+            finish = j
+    if finish >= 0:
+        fill.append(finish)
+        fill_w += w[finish]
+        extra = b[finish] - left
+        if extra >= min(b[i] for i in fill):  # something can go
+            for i in sorted(fill, key=w.__getitem__, reverse=True):
+                if b[i] <= extra:
+                    fill.remove(i)
+                    fill_w -= w[i]
+                    extra -= b[i]
+        if fill_w < best_w:
+            greedy, best_w = fill, fill_w
     found, floor_w = _search(w, b, shortfall, best_w, ratio)
     best = greedy if found is None else found
     chosen = tuple(by_name[r] for r in sorted(useful[order[i]] for i in best))
