@@ -130,7 +130,7 @@ def run(seed: int = 1, quick: bool = False) -> list[dict[str, object]]:
     for n in alone:
         for policy in ("cost", "fewest"):
             count = 500 if not quick else 10
-            times, prev, unproven, gap = [], [], 0, 0
+            times, prev, unproven, gap, loose = [], [], 0, 0, 0
             for _ in range(count):
                 cands, need = instance(rng, n, policy, sizes)
                 cover, best = None, float("inf")
@@ -145,8 +145,10 @@ def run(seed: int = 1, quick: bool = False) -> list[dict[str, object]]:
                     unproven += 1
                     key = tie_key(cover.chosen, [c.name for c in cands])
                     assert cover.floor <= key[:3]
-                    if cover.floor[:2] == key[:2]:
+                    if cover.floor[:2] == key[:2]:  # cost and count proven: bytes over
                         gap = max(gap, key[2] - cover.floor[2])
+                    else:
+                        loose += 1
                 if policy == "cost":  # the previous solver takes minutes on some fewest ones
                     best = float("inf")
                     for _ in range(REPEATS):
@@ -164,6 +166,7 @@ def run(seed: int = 1, quick: bool = False) -> list[dict[str, object]]:
                 "exact_max_ms": max(times),
                 "unproven": unproven,
                 "unproven_max_gap_bytes": gap,
+                "unproven_count_open": loose,
             }
             cells = ["", ""]
             if prev:
@@ -197,10 +200,12 @@ def goals(rows: list[dict[str, object]]) -> list[str]:
     worst = max(num(r, "exact_max_ms") for r in fewest)
     unproven = sum(num(r, "unproven") for r in fewest)
     gap = max(num(r, "unproven_max_gap_bytes") for r in fewest)
+    loose = sum(num(r, "unproven_count_open") for r in fewest)
     out.append(
         f"goal fewest never slow (every instance <= {GOAL_FEWEST_MAX_MS:g} ms, n <= 128): "
-        f"max {worst:.1f} ms, {unproven:.0f} answer(s) not proven optimal, at most {gap:.0f} "
-        f"bytes above the floor -> {'met' if worst <= GOAL_FEWEST_MAX_MS else 'MISSED'}"
+        f"max {worst:.1f} ms, {unproven:.0f} answer(s) not proven optimal, {loose:.0f} of them "
+        f"with the count unproven, the others at most {gap:.0f} bytes above the floor -> "
+        f"{'met' if worst <= GOAL_FEWEST_MAX_MS else 'MISSED'}"
     )
     cost = sum(num(r, "unproven") for r in rows if r["policy"] == "cost" and "unproven" in r)
     out.append(f"cost answers not proven optimal: {cost:.0f}")

@@ -176,6 +176,7 @@ def test_planner_bench_goals_say_met_or_missed():
             "exact_max_ms": 30.0,
             "unproven": 0,
             "unproven_max_gap_bytes": 0,
+            "unproven_count_open": 0,
         },
         {
             "n": 128,
@@ -183,12 +184,14 @@ def test_planner_bench_goals_say_met_or_missed():
             "exact_max_ms": 400.0,
             "unproven": 2,
             "unproven_max_gap_bytes": 1234,
+            "unproven_count_open": 1,
         },
     ]
     lines = bench_planner.goals(rows)
     assert "n=64 (cost): 0.900 ms -> met" in lines[0]
     assert "n=128 (cost): 2.500 ms -> MISSED" in lines[1]
-    assert "max 400.0 ms, 2 answer(s) not proven optimal, at most 1234 bytes" in lines[2]
+    assert "max 400.0 ms, 2 answer(s) not proven optimal, 1 of them with the count" in lines[2]
+    assert "the others at most 1234 bytes above the floor" in lines[2]
     assert lines[2].endswith("-> met") and lines[4].endswith("1500x -> met")
     rows[4]["exact_max_ms"] = 5000.0
     assert bench_planner.goals(rows)[2].endswith("-> MISSED")
