@@ -28,7 +28,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, pairwise
-from operator import attrgetter
+from operator import attrgetter, le
 from typing import Literal
 
 from .state import NodeRecord, Slot, decayed_rate
@@ -271,14 +271,18 @@ def _ratio_order(w: list[int], b: list[int]) -> tuple[list[int], list[float]]:
     sh = max(0, max(w).bit_length() - 1000)  # a float holds the ratio of what is left
     ratio = [(x >> sh) / y for x, y in zip(w, b, strict=True)]
     order = sorted(range(m), key=ratio.__getitem__)
-    close = 2.0**-50
-    if sh or not all(
-        ratio[j] - ratio[i] > ratio[i] * close or w[i] * b[j] <= w[j] * b[i]
-        for i, j in pairwise(order)
+    ordered = [ratio[i] for i in order]
+    grow = 1.0 + 2.0**-50  # (a neighbour at most this much above may be misordered)
+    if sh or (
+        any(map(le, ordered[1:], [r * grow for r in ordered]))
+        and not all(
+            w[i] * b[j] <= w[j] * b[i] for i, j in pairwise(order) if ratio[j] <= ratio[i] * grow
+        )
     ):
         shift = 2 * max(b).bit_length() + 2
         order = sorted(range(m), key=lambda i: (w[i] << shift) // b[i])
-    return order, [ratio[i] for i in order]
+        ordered = [ratio[i] for i in order]
+    return order, ordered
 
 
 def _search(
