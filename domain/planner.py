@@ -324,6 +324,8 @@ def _search(
     s = t = p
     best_w, best_mask = incumbent, -1
     twice_p = 2 * ratio[p]
+    bp, wp = b[p], w[p]
+    root_w, root_left = pre_w[p], need - pre_b[p]  # root LP = root_w + root_left * wp / bp
     bisect = bisect_left
     heaviest = pre_w[m] + 1  # more than any state weighs
     budget = STATE_BUDGET
@@ -336,7 +338,11 @@ def _search(
             j = t
             t += 1
             # Reduction (Dembo and Hammer) against the current incumbent: if the LP bound
-            # with j forced in cannot beat it, no better cover takes j.
+            # with j forced in cannot beat it, no better cover takes j. First a quick test:
+            # the LP's value is convex in the bytes, of slope w[p]/b[p] at `need`, so forcing
+            # j in costs at least the root LP + b[j] * (w[j]/b[j] - w[p]/b[p]).
+            if (root_w + w[j] - best_w) * bp + (root_left - b[j]) * wp >= 0:
+                continue
             rest = need - b[j]
             lb = w[j]
             if rest > 0:
@@ -360,6 +366,9 @@ def _search(
             s -= 1
             j = s
             # ... and if the LP bound with j left out cannot beat it, every better cover takes j
+            # (quick test: at least the root LP + b[j] * (w[p]/b[p] - w[j]/b[j]))
+            if (root_w - w[j] - best_w) * bp + (root_left + b[j]) * wp >= 0:
+                continue
             q = bisect(pre_b, need + b[j]) - 1
             if q >= m:
                 continue
