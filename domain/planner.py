@@ -203,25 +203,24 @@ def solve_cover(cands: Sequence[Candidate], shortfall: int) -> Cover:
     order, ratio = _ratio_order(weights, sizes)
     w = [weights[i] for i in order]
     b = [sizes[i] for i in order]
+    pre_b = list(accumulate(b, initial=0))
+    pre_w = list(accumulate(w, initial=0))
 
     # A good incumbent first: greedy in ratio order, then drop what the cover does not need
     # (dearest first). Any cover is a valid start; a tight one prunes most of the tree.
-    need = shortfall
-    k = 0
-    while need > 0:
-        need -= b[k]
-        k += 1
+    k = bisect_left(pre_b, shortfall)  # items[:k] cover, items[:k-1] do not
+    need = shortfall - pre_b[k]
     greedy = list(range(k))
     if -need >= min(b[:k]):  # something can go
         for i in sorted(greedy, key=w.__getitem__, reverse=True):
             if need + b[i] <= 0:
                 greedy.remove(i)
                 need += b[i]
-    best_w = sum(w[i] for i in greedy)
+    best_w = pre_w[k] if len(greedy) == k else sum(w[i] for i in greedy)
     # Another: the items before the critical one, then from the critical one on each item
     # that fits in what is left to cover, and the cheapest single item that covers the rest.
-    left = shortfall - sum(b[: k - 1])
-    fill, fill_w, finish = list(range(k - 1)), sum(w[: k - 1]), -1
+    left = shortfall - pre_b[k - 1]
+    fill, fill_w, finish = list(range(k - 1)), pre_w[k - 1], -1
     for j in range(k - 1, len(b)):
         if b[j] < left:
             fill.append(j)
@@ -241,7 +240,7 @@ def solve_cover(cands: Sequence[Candidate], shortfall: int) -> Cover:
                     extra -= b[i]
         if fill_w < best_w:
             greedy, best_w = fill, fill_w
-    found, floor_w = _search(w, b, shortfall, best_w, ratio)
+    found, floor_w = _search(w, b, pre_b, pre_w, shortfall, best_w, ratio)
     best = greedy if found is None else found
     chosen = tuple(by_name[r] for r in sorted(useful[order[i]] for i in best))
     if floor_w is None:
@@ -286,12 +285,18 @@ def _ratio_order(w: list[int], b: list[int]) -> tuple[list[int], list[float]]:
 
 
 def _search(
-    w: list[int], b: list[int], need: int, incumbent: int, ratio: list[float]
+    w: list[int],
+    b: list[int],
+    pre_b: list[int],
+    pre_w: list[int],
+    need: int,
+    incumbent: int,
+    ratio: list[float],
 ) -> tuple[list[int] | None, int | None]:
     """The indices of the least-weight cover of `need` from items in ratio order if it weighs
     less than `incumbent` (else None), and None if that is proven, else a proven lower bound
     on the least weight (the state budget ran out). `ratio`: each item's weight per byte,
-    approximately (it only orders the work).
+    approximately (it only orders the work); `pre_b`, `pre_w`: the prefix sums of `b` and `w`.
 
     Pisinger's expanding-core idea, for covering: the LP solution takes items[:p] whole. A
     state fixes the core items[s:t] one way or the other and leaves the rest as the LP has them
@@ -312,8 +317,6 @@ def _search(
     bytes the only tie-break) is where that happens: see `make bench-planner`.
     """
     m = len(b)
-    pre_b = list(accumulate(b, initial=0))
-    pre_w = list(accumulate(w, initial=0))
     p = bisect_left(pre_b, need) - 1  # the LP takes items[:p] whole; p is the critical item
     if p >= m:
         return None, None
@@ -450,7 +453,7 @@ def _search(
             floor_w = min(floor_w, bounds[rank[BEAM]])
             kept = [kept[i] for i in sorted(rank[:BEAM])]
         states = kept
-    found = None if best_mask < 0 else [i for i in range(m) if best_mask >> i & 1]
+    found = None if best_mask < 0 else [i for i, c in enumerate(bin(best_mask)[:1:-1]) if c > "0"]
     return found, None if best_w <= floor_w else floor_w
 
 
