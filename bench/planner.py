@@ -6,15 +6,16 @@ must be identical (asserted). Policy `fewest` is the seed's rule; the solver alo
 with the default `cost` policy and with `fewest` at larger n, beside the previous solver
 (bench/planner_v1.py, 2026-11-27) on the same `cost` instances, with the same answers asserted.
 Times there are the least of REPEATS passes over all the instances (other work shares the
-cores; a pass that it preempted is not the solver's time). `fewest` reports how many answers
-ran out of the state budget (not proven optimal) and, for those, how many bytes above its
-proven floor.
+cores; a pass that it preempted is not the solver's time), garbage collection off as in
+timeit. `fewest` reports how many answers ran out of the state budget (not proven optimal)
+and, for those, how many bytes above its proven floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import random
 import statistics
 import time
@@ -85,13 +86,20 @@ def _best_times(
     solve: Callable[[Sequence[Candidate], int], object],
     made: list[tuple[list[Candidate], int]],
 ) -> list[float]:
-    """Milliseconds per instance: the least of REPEATS passes over all of them."""
+    """Milliseconds per instance: the least of REPEATS passes over all of them. The garbage
+    collector is off meanwhile, as `timeit` has it: a full collection walks every instance
+    the bench holds, and would land on whichever solve allocated last."""
     best = [float("inf")] * len(made)
-    for _ in range(REPEATS):
-        for k, (cands, need) in enumerate(made):
-            t0 = time.perf_counter()
-            solve(cands, need)
-            best[k] = min(best[k], time.perf_counter() - t0)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(REPEATS):
+            for k, (cands, need) in enumerate(made):
+                t0 = time.perf_counter()
+                solve(cands, need)
+                best[k] = min(best[k], time.perf_counter() - t0)
+    finally:
+        gc.enable()
     return [t * 1e3 for t in best]
 
 
