@@ -1,9 +1,12 @@
 """The placement planner: where a model goes and which idle models make room. Pure, no I/O.
 
 The eviction set on a node is a minimum-cost subset of its evictable models whose bytes cover
-the shortfall (a covering knapsack), solved exactly by branch and bound with the LP
-(fractional) bound. Costs are integers so that "equal" means equal; ties are broken the same
-way by every policy and by the brute-force oracle in the tests (see `tie_key`):
+the shortfall (a covering knapsack), solved exactly by a dynamic programme over a core of
+items that grows outward from the LP's critical item, with LP bounds and dominance (see
+`_search`); a state budget bounds it, and `solve_cover` says when an answer is not proven
+optimal (in practice only `fewest`'s subset-sum-like bytes tie-break at large n). Costs are
+integers so that "equal" means equal; ties are broken the same way by every policy and by the
+brute-force oracle in the tests (see `tie_key`):
     (policy cost, number of victims, bytes freed, a bitmask of victim names).
 
 Policies:
@@ -24,7 +27,8 @@ import math
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, pairwise
+from operator import attrgetter, le
 from typing import Literal
 
 from .state import NodeRecord, Slot, decayed_rate
@@ -39,7 +43,6 @@ REUSE_HORIZON_S = 60.0
 RECENCY_PRIOR = 0.1
 ADMIT_RATIO = 8.0  # chosen with `make bench-sched` (its policy-steps table)
 HEARTBEAT_STALE_S = 30.0
-TAIL_STEP = 8  # the cardinality bound sorts the remaining items every TAIL_STEP positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,195 +152,309 @@ def tie_key(chosen: Sequence[Candidate], all_names: Sequence[str]) -> tuple[int,
     )
 
 
+# The solver's budget: states looked at before each step keeps only the BEAM of least bound.
+STATE_BUDGET = 100_000
+BEAM = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Cover:
+    """`solve_cover`'s answer. `proven`: it is the exact minimum of `tie_key`, as always unless
+    the search ran out of its state budget (STATE_BUDGET); then `floor` is a proven lower bound
+    on the optimum's (cost, count, bytes), lexicographic: no cover's key is below it."""
+
+    chosen: tuple[Candidate, ...] | None
+    proven: bool = True
+    floor: tuple[int, int, int] | None = None
+
+
 def min_cost_cover(cands: Sequence[Candidate], shortfall: int) -> tuple[Candidate, ...] | None:
-    """Exact minimum of `tie_key` over subsets whose bytes cover `shortfall`.
+    """The minimum of `tie_key` over subsets whose bytes cover `shortfall` (exact unless the
+    state budget runs out: see `solve_cover`).
 
     Returns () when nothing is short, None when even all candidates do not cover it.
-    One integer weight per item folds the whole key in. A greedy cover is the incumbent; a
-    reduction fixes the items that the LP bound says no better cover can flip; branch and
-    bound searches the rest with the Martello-Toth bound, a cardinality bound and dominance,
-    all in exact integers. (bench/planner.py times it against the brute force.)
+    """
+    return solve_cover(cands, shortfall).chosen
+
+
+def solve_cover(cands: Sequence[Candidate], shortfall: int) -> Cover:
+    """`min_cost_cover` with its proof status.
+
+    One integer weight per item folds the whole key in. A greedy cover is the incumbent; then
+    an exact dynamic programme over a core that grows outward from the LP's critical item
+    (`_search`), all in exact integers. (bench/planner.py times it against the brute force
+    and against the previous branch and bound, bench/planner_v1.py.)
     """
     if shortfall <= 0:
-        return ()
-    names = sorted(c.name for c in cands)
-    useful = sorted((c for c in cands if c.bytes > 0), key=lambda c: c.name)
-    total = sum(c.bytes for c in useful)
+        return Cover(())
+    by_name = sorted(cands, key=attrgetter("name"))  # position = rank of the name
+    useful = [r for r, c in enumerate(by_name) if c.bytes > 0]
+    sizes = [by_name[r].bytes for r in useful]
+    total = sum(sizes)
     if total < shortfall:
-        return None
+        return Cover(None)
     n = len(cands)
-    rank = {name: r for r, name in enumerate(names)}
     # weight = ((cost*(n+1) + 1)*(total+1) + bytes) * 2**n + 2**rank: lexicographic in
     # (cost, count, bytes, bitmask) because count <= n, bytes <= total, bitmask < 2**n.
-    weight = {
-        c.name: (((c.cost * (n + 1) + 1) * (total + 1) + c.bytes) << n) + (1 << rank[c.name])
-        for c in useful
-    }
-
-    # Ratio order (weight per byte), exact: two different ratios w/b differ by at least
-    # 1/(b*b'), more than 2**-shift, so floor(w * 2**shift / b) never ties them.
-    shift = 2 * max(c.bytes for c in useful).bit_length() + 2
-    items = sorted(useful, key=lambda c: ((weight[c.name] << shift) // c.bytes, c.name))
-    w = [weight[c.name] for c in items]
-    b = [c.bytes for c in items]
+    n1, scale = n + 1, total + 1
+    weights = [
+        (((by_name[r].cost * n1 + 1) * scale + by_name[r].bytes) << n) + (1 << r) for r in useful
+    ]
+    order, ratio = _ratio_order(weights, sizes)
+    w = [weights[i] for i in order]
+    b = [sizes[i] for i in order]
+    pre_b = list(accumulate(b, initial=0))
+    pre_w = list(accumulate(w, initial=0))
 
     # A good incumbent first: greedy in ratio order, then drop what the cover does not need
     # (dearest first). Any cover is a valid start; a tight one prunes most of the tree.
-    greedy: list[int] = []
-    need = shortfall
-    for i in range(len(items)):
-        if need <= 0:
-            break
-        greedy.append(i)
-        need -= b[i]
-    for i in sorted(greedy, key=lambda i: -w[i]):
-        if need + b[i] <= 0:
-            greedy.remove(i)
-            need += b[i]
-    best_w = sum(w[i] for i in greedy)
-    costs = [c.cost for c in items]
-    bits = [1 << rank[c.name] for c in items]
-    # Reduction, then an exact search over the items it leaves free.
-    fixed = _reduce(w, b, shortfall, best_w)
-    free = [i for i in range(len(items)) if fixed[i] == 0]
-    taken_in = [i for i in range(len(items)) if fixed[i] > 0]
-    need = shortfall - sum(b[i] for i in taken_in)
-    acc = sum(w[i] for i in taken_in)
-    found = _search(
-        [w[i] for i in free],
-        [b[i] for i in free],
-        [costs[i] for i in free],
-        [bits[i] for i in free],
-        need,
-        acc,
-        best_w,
-        n,
-        total,
-    )
-    best = greedy if found is None else taken_in + [free[k] for k in found]
-    return tuple(sorted((items[i] for i in best), key=lambda c: c.name))
+    k = bisect_left(pre_b, shortfall)  # items[:k] cover, items[:k-1] do not
+    need = shortfall - pre_b[k]
+    greedy = list(range(k))
+    if -need >= min(b[:k]):  # something can go
+        for i in sorted(greedy, key=w.__getitem__, reverse=True):
+            if need + b[i] <= 0:
+                greedy.remove(i)
+                need += b[i]
+    best_w = pre_w[k] if len(greedy) == k else sum(w[i] for i in greedy)
+    # Another: the items before the critical one, then from the critical one on each item
+    # that fits in what is left to cover, and the cheapest single item that covers the rest.
+    left = shortfall - pre_b[k - 1]
+    fill, fill_w, finish = list(range(k - 1)), pre_w[k - 1], -1
+    for j in range(k - 1, len(b)):
+        if b[j] < left:
+            fill.append(j)
+            fill_w += w[j]
+            left -= b[j]
+        elif finish < 0 or w[j] < w[finish]:
+            finish = j
+    if finish >= 0:
+        fill.append(finish)
+        fill_w += w[finish]
+        extra = b[finish] - left
+        if extra >= min(b[i] for i in fill):  # something can go
+            for i in sorted(fill, key=w.__getitem__, reverse=True):
+                if b[i] <= extra:
+                    fill.remove(i)
+                    fill_w -= w[i]
+                    extra -= b[i]
+        if fill_w < best_w:
+            greedy, best_w = fill, fill_w
+    found, floor_w = _search(w, b, pre_b, pre_w, shortfall, best_w, ratio)
+    best = greedy if found is None else found
+    chosen = tuple(by_name[r] for r in sorted(useful[order[i]] for i in best))
+    if floor_w is None:
+        return Cover(chosen)
+    # The floor weight in the same mixed radix: (cost, count, bytes) that no cover is below.
+    # Raised to (that cost, the fewest models that can cover, the shortfall), also a floor:
+    # a cover of that cost has at least so many models and frees at least the shortfall.
+    q, nbytes = divmod(floor_w >> n, scale)
+    cost, count = divmod(q, n1)
+    fewest = bisect_left(list(accumulate(sorted(sizes, reverse=True))), shortfall) + 1
+    floor = max((cost, count, nbytes), (cost, fewest, shortfall))
+    return Cover(chosen, proven=False, floor=floor)
 
 
-def _reduce(w: list[int], b: list[int], need: int, incumbent: int) -> list[int]:
-    """Fix items before the search (Dembo and Hammer's reduction): +1 must be taken, -1
-    must be left, 0 free. In ratio order the LP takes items[:p] whole, p the critical item.
-    If the LP bound with item j flipped (left out for j < p, forced in for j > p) cannot
-    beat the incumbent, no better cover flips j."""
-    m = len(b)
-    pre_b = list(accumulate(b, initial=0))
-    pre_w = list(accumulate(w, initial=0))
-    out = [0] * m
-    p = bisect_left(pre_b, need) - 1
-    for j in range(m):
-        if j < p:
-            q = bisect_left(pre_b, need + b[j]) - 1  # critical item without j (q > j)
-            if q >= m:
-                out[j] = 1  # nothing covers without j
-                continue
-            lb = pre_w[q] - w[j] + w[q] * (need + b[j] - pre_b[q]) // b[q]
-            if lb >= incumbent:
-                out[j] = 1
-        elif j > p:
-            rest = need - b[j]
-            lb = w[j]
-            if rest > 0:
-                q = bisect_left(pre_b, rest) - 1  # critical item for the rest (q < j)
-                lb += pre_w[q] + w[q] * (rest - pre_b[q]) // b[q]
-            if lb >= incumbent:
-                out[j] = -1
-    return out
+def _ratio_order(w: list[int], b: list[int]) -> tuple[list[int], list[float]]:
+    """Indices in ascending weight-per-byte order, exactly (the LP bounds depend on it), and
+    the ratios in that order as floats (approximate).
+
+    Sorted by the float ratio (int / int is correctly rounded: a relative error of at most
+    2**-53 each), so where two floats differ by more than 2**-50 of their size the order is
+    exact; the pairs closer than that are checked exactly (w1*b2 <= w2*b1). If one is
+    misordered, all are sorted again by an exact key: two different ratios w/b differ by at
+    least 1/(b*b'), more than 2**-shift, so floor(w * 2**shift / b) never ties them. (Equal
+    ratios may go in either order.)
+    """
+    m = len(w)
+    sh = max(0, max(w).bit_length() - 1000)  # a float holds the ratio of what is left
+    ratio = [(x >> sh) / y for x, y in zip(w, b, strict=True)]
+    order = sorted(range(m), key=ratio.__getitem__)
+    ordered = [ratio[i] for i in order]
+    grow = 1.0 + 2.0**-50  # (a neighbour at most this much above may be misordered)
+    if sh or (
+        any(map(le, ordered[1:], [r * grow for r in ordered]))
+        and not all(
+            w[i] * b[j] <= w[j] * b[i] for i, j in pairwise(order) if ratio[j] <= ratio[i] * grow
+        )
+    ):
+        shift = 2 * max(b).bit_length() + 2
+        order = sorted(range(m), key=lambda i: (w[i] << shift) // b[i])
+        ordered = [ratio[i] for i in order]
+    return order, ordered
 
 
 def _search(
     w: list[int],
     b: list[int],
-    costs: list[int],
-    bits: list[int],
+    pre_b: list[int],
+    pre_w: list[int],
     need: int,
-    acc0: int,
     incumbent: int,
-    n: int,
-    total: int,
-) -> list[int] | None:
-    """Branch and bound over items in ratio order: the indices of the least-weight cover of
-    `need` (plus `acc0` already taken) if it weighs less than `incumbent`, else None."""
-    if need <= 0:
-        return [] if acc0 < incumbent else None
+    ratio: list[float],
+) -> tuple[list[int] | None, int | None]:
+    """The indices of the least-weight cover of `need` from items in ratio order if it weighs
+    less than `incumbent` (else None), and None if that is proven, else a proven lower bound
+    on the least weight (the state budget ran out). `ratio`: each item's weight per byte,
+    approximately (it only orders the work); `pre_b`, `pre_w`: the prefix sums of `b` and `w`.
+
+    Pisinger's expanding-core idea, for covering: the LP solution takes items[:p] whole. A
+    state fixes the core items[s:t] one way or the other and leaves the rest as the LP has them
+    (below s taken, from t on left); each step adds one item to the core, on the side whose
+    ratio is nearer the critical one's, and doubles the states (item flipped or not). A state
+    is dropped when another covers at least as many bytes and weighs no more (its completions
+    do no better), or when its LP bound cannot beat the incumbent; each state's LP solution
+    rounded to a whole cover is tried as the incumbent. An item whose flip the LP bound rules
+    out against the incumbent is never added to the core (Dembo and Hammer's reduction, tested
+    as the incumbent improves). Dominance between items: a state takes an item only with every
+    core item that frees at least as much and weighs no more, and gives one back only without
+    any core item that frees no more and weighs more (a swap would do better). Weights are
+    unique (the name bitmask), so the least-weight cover, and the answer, are unique.
+
+    Budget: once STATE_BUDGET states have been looked at, each step keeps only the BEAM states
+    of least bound; the least bound dropped is then the lower bound returned (exact again if
+    the incumbent is at or below it). A subset-sum-like instance (equal costs, policy fewest,
+    bytes the only tie-break) is where that happens: see `make bench-planner`.
+    """
     m = len(b)
-    pre_b = list(accumulate(b, initial=0))
-    pre_w = list(accumulate(w, initial=0))
-    suffix = [pre_b[m] - pre_b[k] for k in range(m + 1)]
-    tails: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
-
-    def count_bound(k: int, need: int) -> int:
-        """A lower bound on the weight any cover of `need` from items[k:] adds.
-
-        It takes at least kmin items (largest first); any j >= kmin of them cost, weigh and
-        name-sum at least the kmin smallest of each, and cover at least `need` bytes.
-        """
-        k -= k % TAIL_STEP  # items[k:] only grows: still a valid bound, sorted less often
-        tail = tails.get(k)
-        if tail is None:
-            tail = (
-                list(accumulate(sorted(b[k:], reverse=True), initial=0)),
-                list(accumulate(sorted(b[k:]), initial=0)),
-                list(accumulate(sorted(costs[k:]), initial=0)),
-                list(accumulate(sorted(bits[k:]), initial=0)),
-            )
-            tails[k] = tail
-        largest, smallest, cheapest, lowest = tail
-        kmin = bisect_left(largest, need)
-        nbytes = max(need, smallest[kmin])
-        return ((((cheapest[kmin] * (n + 1)) + kmin) * (total + 1) + nbytes) << n) + lowest[kmin]
-
-    def bound(k: int, need: int) -> int:
-        """A lower bound over items[k:], at least the LP one. Items k..p-1 in ratio order
-        are taken whole and item p (critical) completes the cover. The LP takes a fraction
-        of p; an integer cover either leaves p out (the rest of the need at p+1's ratio or
-        worse) or takes it whole (the overshoot given back at most at p-1's ratio): the
-        smaller of those two (Martello and Toth's bound, for covering) is still valid."""
-        p = bisect_left(pre_b, pre_b[k] + need) - 1  # items[k:p] are taken whole
-        if p >= m:
-            return pre_w[m] - pre_w[k]
-        whole = pre_w[p] - pre_w[k]
-        left = need - (pre_b[p] - pre_b[k])
-        with_p = whole + w[p]
-        if p > k:
-            with_p -= -(-(b[p] - left) * w[p - 1] // b[p - 1])  # ceil of what it gives back
-        if p + 1 < m:
-            return min(with_p, whole + w[p + 1] * left // b[p + 1])
-        return with_p
-
-    # Dominance: if model j frees at least the bytes of model i and weighs no more, a cover
-    # never needs i without j (swapping i for j keeps the cover and lowers the weight). Such a
-    # j precedes i in ratio order, so when the search reaches i, j is already decided: take i
-    # only if every j that dominates it was taken. (Same size, cheaper: the common case.)
-    dominators = [[j for j in range(i) if b[j] >= b[i] and w[j] <= w[i]] for i in range(m)]
-    taken = [False] * m
-    chosen: list[int] = []
-    best_w, best = incumbent, None
-
-    def dfs(k: int, need: int, acc: int) -> None:
-        nonlocal best_w, best
-        if need <= 0:
-            if acc < best_w:
-                best_w, best = acc, list(chosen)
-            return
-        if k == m or suffix[k] < need:
-            return
-        if acc + bound(k, need) >= best_w or acc + count_bound(k, need) >= best_w:
-            return
-        dom = dominators[k]
-        if not dom or all(taken[j] for j in dom):
-            chosen.append(k)
-            taken[k] = True
-            dfs(k + 1, need - b[k], acc + w[k])
-            taken[k] = False
-            chosen.pop()
-        dfs(k + 1, need, acc)
-
-    dfs(0, need, acc0)
-    return best
+    p = bisect_left(pre_b, need) - 1  # the LP takes items[:p] whole; p is the critical item
+    if p >= m:
+        return None, None
+    # A state is (need - bytes, weight, mask) for one assignment of the core items[s:t]; the
+    # items below s are taken and those from t on are left, as in the LP solution. Sorted,
+    # the states run from most bytes to fewest, the lightest first among equal bytes.
+    states = [(need - pre_b[p], pre_w[p], (1 << p) - 1)]
+    s = t = p
+    best_w, best_mask = incumbent, -1
+    twice_p = 2 * ratio[p]
+    bp, wp = b[p], w[p]
+    root_w, root_left = pre_w[p], need - pre_b[p]  # root LP = root_w + root_left * wp / bp
+    bisect = bisect_left
+    heaviest = pre_w[m] + 1  # more than any state weighs
+    budget = STATE_BUDGET
+    floor_w = heaviest  # the least bound of a state dropped for the budget
+    core: list[int] = []
+    while states and (s > 0 or t < m):
+        # expand on the side whose next item's ratio is nearer the critical one's (in floats:
+        # any order is exact, this one is quick)
+        if t < m and (s == 0 or ratio[t] + ratio[s - 1] <= twice_p):
+            j = t
+            t += 1
+            # Reduction (Dembo and Hammer) against the current incumbent: if the LP bound
+            # with j forced in cannot beat it, no better cover takes j. First a quick test:
+            # the LP's value is convex in the bytes, of slope w[p]/b[p] at `need`, so forcing
+            # j in costs at least the root LP + b[j] * (w[j]/b[j] - w[p]/b[p]).
+            if (root_w + w[j] - best_w) * bp + (root_left - b[j]) * wp >= 0:
+                continue
+            rest = need - b[j]
+            lb = w[j]
+            if rest > 0:
+                q = bisect(pre_b, rest) - 1
+                lb += pre_w[q] + w[q] * (rest - pre_b[q]) // b[q]
+            if lb >= best_w:
+                continue
+            bt, wt, bit = b[j], w[j], 1 << j
+            # never take j without a core item that frees as much and weighs no more
+            dom = 0
+            if len(states) > 8:
+                for i in core:
+                    if b[i] >= bt and w[i] <= wt:
+                        dom |= 1 << i
+            core.append(j)
+            if dom:
+                states += [(x - bt, y + wt, z | bit) for x, y, z in states if z & dom == dom]
+            else:
+                states += [(x - bt, y + wt, z | bit) for x, y, z in states]
+        else:
+            s -= 1
+            j = s
+            # ... and if the LP bound with j left out cannot beat it, every better cover takes j
+            # (quick test: at least the root LP + b[j] * (w[p]/b[p] - w[j]/b[j]))
+            if (root_w - w[j] - best_w) * bp + (root_left + b[j]) * wp >= 0:
+                continue
+            q = bisect(pre_b, need + b[j]) - 1
+            if q >= m:
+                continue
+            lb = pre_w[q] - w[j] + w[q] * (need + b[j] - pre_b[q]) // b[q]
+            if lb >= best_w:
+                continue
+            bt, wt, bit = b[j], w[j], 1 << j
+            # never give j back while keeping a core item that frees no more and weighs more
+            sub = 0
+            if len(states) > 8:
+                for i in core:
+                    if b[i] <= bt and w[i] >= wt:
+                        sub |= 1 << i
+            core.append(j)
+            if sub:
+                states += [(x + bt, y - wt, z & ~bit) for x, y, z in states if not z & sub]
+            else:
+                states += [(x + bt, y - wt, z & ~bit) for x, y, z in states]
+        states.sort()  # two sorted runs: a merge
+        budget -= len(states)
+        kept: list[tuple[int, int, int]] = []
+        bounds = []  # each kept state's bound, once over budget
+        keep, over = kept.append, budget < 0
+        lightest = heaviest
+        top_b, top_w = pre_b[s], pre_w[s]  # what the items below s give back at most
+        base_b, base_w = pre_b[t], pre_w[t]  # items from t on are what can still be added
+        b_out, w_out = (b[s - 1], w[s - 1]) if s else (0, 0)  # the next to give back
+        b_in, w_in = (b[t], w[t]) if t < m else (0, 0)  # the next to add
+        bit_in = 1 << t
+        # Bounds are compared without dividing (division is the dear part):
+        # base - a // d < best  <=>  base - best < 0 or a >= (base - best + 1) * d, and
+        # base + a // d < best  <=>  a < (best - base) * d   (a >= 0, d > 0).
+        for state in states:  # x = need - bytes: most bytes first
+            x, y, z = state
+            if y >= lightest:
+                continue  # one with as many bytes or more weighs no more
+            lightest = y
+            if x <= 0:
+                if y < best_w:
+                    best_w, best_mask = y, z
+                # LP: give back the dearest items below s, a fraction of the last one
+                if -x < b_out:  # (the usual case: a fraction of the next one only)
+                    base, num, den = y, -x * w_out, b_out
+                else:
+                    q = bisect(pre_b, top_b + x)
+                    base = y - top_w + pre_w[q]
+                    if q < s and base < best_w:  # giving back items[q:s] whole is a cover too
+                        best_w, best_mask = base, z & ~((1 << s) - (1 << q))
+                    if q:
+                        num, den = (pre_b[q] - top_b - x) * w[q - 1], b[q - 1]
+                    else:
+                        num, den = 0, 1
+                over_by = base - best_w
+                if over_by >= 0 and num < (over_by + 1) * den:
+                    continue
+                if over:
+                    bounds.append(base - num // den)
+            else:
+                if x <= b_in:  # LP: a fraction of the next item to add covers it
+                    if y + w_in < best_w:  # adding it whole is a cover
+                        best_w, best_mask = y + w_in, z | bit_in
+                    base, num, den = y, x * w_in, b_in
+                else:
+                    # LP: add the cheapest items from t on, a fraction of the last one
+                    q = bisect(pre_b, base_b + x) - 1
+                    if q >= m:
+                        continue
+                    base = y + pre_w[q] - base_w
+                    if base + w[q] < best_w:  # adding items[t:q+1] whole is a cover
+                        best_w, best_mask = base + w[q], z | ((2 << q) - (1 << t))
+                    num, den = (base_b + x - pre_b[q]) * w[q], b[q]
+                if num >= (best_w - base) * den:
+                    continue
+                if over:
+                    bounds.append(base + num // den)
+            keep(state)
+        if budget < 0 and len(kept) > BEAM:
+            rank = sorted(range(len(kept)), key=bounds.__getitem__)
+            floor_w = min(floor_w, bounds[rank[BEAM]])
+            kept = [kept[i] for i in sorted(rank[:BEAM])]
+        states = kept
+    found = None if best_mask < 0 else [i for i, c in enumerate(bin(best_mask)[:1:-1]) if c > "0"]
+    return found, None if best_w <= floor_w else floor_w
 
 
 def node_is_live(node: NodeRecord, now: float) -> bool:

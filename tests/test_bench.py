@@ -250,3 +250,35 @@ def test_runtime_plugins_add_kinds_and_a_bad_one_is_named():
     assert "stub" in RUNTIMES and make_runtime("stub", "stub://x").url == "stub://x"
     with pytest.raises(ValueError, match="'no_such_plugin_module'"):
         load_plugins("bench.stub,no_such_plugin_module")
+
+
+def test_planner_bench_goals_say_met_or_missed():
+    rows: list[dict[str, object]] = [
+        {"n": 20, "policy": "fewest", "speedup_p50": 1500.0},
+        {"n": 64, "policy": "cost", "exact_p99_ms": 0.9, "unproven": 0},
+        {"n": 128, "policy": "cost", "exact_p99_ms": 2.5, "unproven": 0},
+        {
+            "n": 64,
+            "policy": "fewest",
+            "exact_max_ms": 30.0,
+            "unproven": 0,
+            "unproven_max_gap_bytes": 0,
+            "unproven_count_open": 0,
+        },
+        {
+            "n": 128,
+            "policy": "fewest",
+            "exact_max_ms": 400.0,
+            "unproven": 2,
+            "unproven_max_gap_bytes": 1234,
+            "unproven_count_open": 1,
+        },
+    ]
+    lines = bench_planner.goals(rows)
+    assert "n=64 (cost): 0.900 ms -> met" in lines[0]
+    assert "n=128 (cost): 2.500 ms -> MISSED" in lines[1]
+    assert "max 400.0 ms, 2 answer(s) not proven optimal, 1 of them with the count" in lines[2]
+    assert "the others at most 1234 bytes above the floor" in lines[2]
+    assert lines[2].endswith("-> met") and lines[4].endswith("1500x -> met")
+    rows[4]["exact_max_ms"] = 5000.0
+    assert bench_planner.goals(rows)[2].endswith("-> MISSED")
