@@ -285,6 +285,7 @@ class PlannerFleet(Fleet):
         for node in self.nodes.values():
             node.heartbeat_at = self.now  # simulated nodes are always alive
         reserved = frozenset(r.model for r in self.waiting if r.model != model)
+        first_t = min(r.t for r in reqs)
         result = planner.plan(
             planner.PlanRequest(
                 model,
@@ -292,6 +293,7 @@ class PlannerFleet(Fleet):
                 reserved,
                 waited_s=sum(self.now - r.t for r in reqs),
                 waiting=len(reqs),
+                oldest_s=self.now - first_t,
             ),
             list(self.nodes.values()),
             self.now,

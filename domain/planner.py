@@ -16,9 +16,11 @@ Policies:
   cost   - default: expected reload cost = load time x probability of reuse within the
            keep-alive horizon, from each model's decayed request rate; plus admission
            (rent-or-buy): a load that must evict waits until the requests queued for the
-           model have waited, together, ADMIT_RATIO x the victims' expected reload cost.
-           Requests for a cold model then share one load instead of each evicting a warm
-           one; a lone request waits at most ADMIT_RATIO x that cost (never forever).
+           model have waited, together, ADMIT_RATIO x the victims' expected reload cost,
+           with each request's own deferral bounded (a crowd's first waiter by
+           CROWD_WAIT_RATIO x that cost, any waiter by OWN_LOAD_RATIO x its own model's load
+           time). Requests for a cold model then share one load instead of each evicting a
+           warm one; nobody waits forever (see `admission`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ LOAD_FIXED_MS = 300.0
 LOAD_BYTES_PER_MS = 1.0e6  # 1 GB/s
 REUSE_HORIZON_S = 60.0
 RECENCY_PRIOR = 0.1
-ADMIT_RATIO = 8.0  # chosen with `make bench-sched` (its policy-steps table)
+# Admission (policy `cost`), chosen on the tuning half of `make bench-sched` (README):
+ADMIT_RATIO = 8.0  # evict once the model's waiters have waited, summed, this x the reload
+CROWD_WAIT_RATIO = 4.0  # ... or once a crowd's (2+) oldest waiter has waited this x the reload
+OWN_LOAD_RATIO = 6.0  # ... or once the oldest has waited this x the model's own load time
 HEARTBEAT_STALE_S = 30.0
 
 
@@ -90,6 +95,9 @@ class PlanRequest:
     # waited in total, and how many they are. inf = admit now (explicit loads, tests).
     waited_s: float = math.inf
     waiting: int = 1
+    # The longest wait among them (None: not known; taken as waited_s / waiting, the mean,
+    # which is a lower bound on it).
+    oldest_s: float | None = None
 
 
 def estimate_load_ms(nbytes: int, measured_ms: float | None = None) -> float:
@@ -519,13 +527,29 @@ def plan(
 
 
 def admission(req: PlanRequest, placement: Placement) -> Queue | None:
-    """Rent or buy: evict (buy) once the queued requests' summed wait (rent) reaches
-    ADMIT_RATIO x the victims' expected reload seconds; until then, defer."""
+    """Rent or buy, with each request's deferral bounded by what its own waiting costs.
+
+    Buying (evicting) costs R, the victims' expected reload seconds; renting (deferring) costs
+    the waiting requests their time. The load goes ahead as soon as
+      - the model's waiters together have waited ADMIT_RATIO x R (a crowd, or a long-waiting
+        lone request, has paid for the eviction), or
+      - they are a crowd (2 or more) and the oldest has waited CROWD_WAIT_RATIO x R: the first
+        of a crowd does not wait out the whole rent alone, or
+      - the oldest has waited OWN_LOAD_RATIO x the requested model's own load time: a request
+        for a model that loads in 2 s never waits a minute to spare a 40 s reload.
+    Until then, defer; `retry_s` is when the first of these is reached if nothing changes."""
     reload_s = placement.cost / 1e6  # candidate costs are load ms x p(reuse) x 1000
-    need_s = ADMIT_RATIO * reload_s
-    if req.waited_s >= need_s - 1e-3:  # a millisecond's slack: no retry storm at the edge
+    k = max(1, req.waiting)
+    oldest = req.oldest_s if req.oldest_s is not None else req.waited_s / k
+    own_s = estimate_load_ms(req.bytes) / 1000
+    cap_s = OWN_LOAD_RATIO * own_s
+    if k >= 2:
+        cap_s = min(cap_s, CROWD_WAIT_RATIO * reload_s)
+    crowd_left = ADMIT_RATIO * reload_s - req.waited_s
+    own_left = cap_s - oldest
+    if crowd_left <= 1e-3 or own_left <= 1e-3:  # a millisecond's slack: no retry storm
         return None
-    retry_s = (need_s - req.waited_s) / max(1, req.waiting)
+    retry_s = min(crowd_left / k, own_left)
     return Queue(
         f"deferred: loading {req.model} now would evict {', '.join(placement.evict)} "
         f"(expected reload {reload_s:.1f}s); waiting {retry_s:.1f}s more so that requests "

@@ -47,15 +47,23 @@ def test_planner_bench_quick_run_writes_its_csv(tmp_path, capsys):
 def test_sched_bench_quick_run_writes_table_csv_and_plots(tmp_path, capsys):
     from bench import sched
 
-    assert sched.main(["--alphas", "1.0", "--limit", "300", "--out", str(tmp_path)]) == 0
+    args = ["--alphas", "1.0", "--limit", "300", "--seeds", "3,4", "--out", str(tmp_path)]
+    assert sched.main(args) == 0
     rows = list(csv.DictReader((tmp_path / "sched.csv").open()))
     assert {r["policy"] for r in rows} == {"ollama", "fewest", "lru", "cost"}
+    assert {r["seed"] for r in rows} == {"3", "4"}
+    # the shared workloads and the other ServeGen segments of the report half
+    assert {"azure-zipf-1.0", "servegen-m-mid"} <= {r["workload"] for r in rows}
+    assert len({r["workload"] for r in rows}) == 2 + len(sched.SEGMENTS["report"])
+    summary = list(csv.DictReader((tmp_path / "sched_summary.csv").open()))
+    assert {r["seeds"] for r in summary} == {"2"}
     for r in rows:
         # every policy serves everything; none can load less than the bound on its own order
         assert int(r["requests"]) + int(r["unserved"]) == 300
         assert float(r["load_s"]) >= float(r["lb_served_s"]) - 1e-6
     assert (tmp_path / "sched_wait_cdf.png").stat().st_size > 1000
-    assert "SIMULATION" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "SIMULATION" in out and "goals for `cost`" in out and "p99 <= best" in out
 
 
 def test_lower_bound_is_exact_on_a_tiny_instance():

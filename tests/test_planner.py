@@ -215,22 +215,82 @@ def _warm_node() -> NodeRecord:
     )
 
 
+def _reload_s(node: NodeRecord, model: str, nbytes: int) -> float:
+    placement = planner.plan(PlanRequest(model, nbytes), [node], NOW, "cost")
+    assert isinstance(placement, Placement) and placement.evict == ("warm",)
+    return placement.cost / 1e6  # the victims' expected reload seconds
+
+
+def _warm_big_node(gib: int) -> NodeRecord:
+    # The same warm model (reload 5 s, used every 2 s), but room for one `gib`-GiB model, so a
+    # request for a cold `gib`-GiB model takes about `gib` seconds to load itself.
+    return _node(
+        "n0",
+        float(gib),
+        warm=Slot(state="ready", bytes=gib * GIB, rate=0.5, rate_at=NOW, load_ms=5000),
+    )
+
+
 def test_admission_defers_a_load_that_evicts_until_the_queue_has_waited_enough():
-    first = planner.plan(PlanRequest("cold", GIB, waited_s=0.0), [_warm_node()], NOW, "cost")
+    node = _warm_big_node(40)  # the cold model's own load (~43 s) caps nothing here
+    reload_s = _reload_s(node, "cold", 40 * GIB)
+    first = planner.plan(PlanRequest("cold", 40 * GIB, waited_s=0.0), [node], NOW, "cost")
     assert isinstance(first, Queue) and first.retry_s is not None
     assert "deferred" in first.reason and "warm" in first.reason
-    # The rule: evict once the summed wait reaches ADMIT_RATIO x the victims' reload cost.
-    placement = planner.plan(PlanRequest("cold", GIB), [_warm_node()], NOW, "cost")
-    assert isinstance(placement, Placement) and placement.evict == ("warm",)
-    need_s = planner.ADMIT_RATIO * placement.cost / 1e6
+    # A lone request: evict once its wait reaches ADMIT_RATIO x the victims' reload cost.
+    need_s = planner.ADMIT_RATIO * reload_s
     assert abs(first.retry_s - need_s) < 1e-9
-    # Three requests waiting share the rent: the deferral left is a third.
-    three = planner.plan(
-        PlanRequest("cold", GIB, waited_s=need_s / 2, waiting=3), [_warm_node()], NOW, "cost"
-    )
-    assert isinstance(three, Queue) and abs(three.retry_s - need_s / 6) < 1e-9
-    enough = planner.plan(PlanRequest("cold", GIB, waited_s=need_s), [_warm_node()], NOW, "cost")
-    assert enough == placement
+    enough = planner.plan(PlanRequest("cold", 40 * GIB, waited_s=need_s), [node], NOW, "cost")
+    assert isinstance(enough, Placement) and enough.evict == ("warm",)
+
+
+def test_admission_a_crowd_shares_the_rent_of_one_load():
+    node = _warm_big_node(40)
+    reload_s = _reload_s(node, "cold", 40 * GIB)
+    need_s = planner.ADMIT_RATIO * reload_s
+    # Three requests that have waited a little each: still deferred; the rent left is shared,
+    # so the deferral left is a third of it.
+    three = PlanRequest("cold", 40 * GIB, waited_s=need_s / 4, waiting=3, oldest_s=need_s / 8)
+    result = planner.plan(three, [node], NOW, "cost")
+    assert isinstance(result, Queue) and result.retry_s is not None
+    assert abs(result.retry_s - (need_s - need_s / 4) / 3) < 1e-9
+    # Once their summed wait reaches the rent, one load serves them all.
+    paid = PlanRequest("cold", 40 * GIB, waited_s=need_s, waiting=3, oldest_s=need_s / 3)
+    assert isinstance(planner.plan(paid, [node], NOW, "cost"), Placement)
+
+
+def test_admission_a_crowds_first_waiter_does_not_wait_out_the_whole_rent():
+    node = _warm_big_node(40)
+    reload_s = _reload_s(node, "cold", 40 * GIB)
+    cap_s = planner.CROWD_WAIT_RATIO * reload_s
+    assert cap_s < planner.ADMIT_RATIO * reload_s
+    # Two waiters, the first nearly at the cap: deferred only until the first reaches it.
+    almost = PlanRequest("cold", 40 * GIB, waited_s=cap_s, waiting=2, oldest_s=cap_s - 1.0)
+    result = planner.plan(almost, [node], NOW, "cost")
+    assert isinstance(result, Queue) and result.retry_s is not None
+    assert abs(result.retry_s - 1.0) < 1e-9
+    # At the cap the load goes ahead, though the summed wait is far below the crowd's rent.
+    at_cap = PlanRequest("cold", 40 * GIB, waited_s=cap_s + 1.0, waiting=2, oldest_s=cap_s)
+    assert isinstance(planner.plan(at_cap, [node], NOW, "cost"), Placement)
+    # Without oldest_s (an older caller) the mean wait stands in for it: a lower bound, so the
+    # cap can only come later, never earlier.
+    mean = PlanRequest("cold", 40 * GIB, waited_s=cap_s + 1.0, waiting=2)
+    assert isinstance(planner.plan(mean, [node], NOW, "cost"), Queue)
+
+
+def test_admission_a_lone_request_for_a_small_model_waits_a_few_of_its_own_loads_at_most():
+    # A 1-GiB cold model loads in ~1.4 s; the warm victim reloads in 5 s. The crowd rule alone
+    # would keep a lone request waiting ADMIT_RATIO x 5 s = 40 s for a crowd that may never
+    # come; its deferral is bounded by OWN_LOAD_RATIO x its own load time instead.
+    reload_s = _reload_s(_warm_node(), "cold", GIB)
+    own_s = planner.estimate_load_ms(GIB) / 1000
+    cap_s = planner.OWN_LOAD_RATIO * own_s
+    assert cap_s < planner.ADMIT_RATIO * reload_s / 2
+    first = planner.plan(PlanRequest("cold", GIB, waited_s=0.0), [_warm_node()], NOW, "cost")
+    assert isinstance(first, Queue) and first.retry_s is not None
+    assert abs(first.retry_s - cap_s) < 1e-9
+    late = planner.plan(PlanRequest("cold", GIB, waited_s=cap_s), [_warm_node()], NOW, "cost")
+    assert isinstance(late, Placement) and late.evict == ("warm",)
 
 
 def test_admission_never_defers_without_eviction_or_under_other_policies():
