@@ -446,15 +446,19 @@ async def _acquire(run: Run, event: Event, req: ChatRequested, info: Any) -> Hel
     reserved, peers = await asyncio.gather(svc.waiting.models(), svc.waiting.of_model(req.model))
     peers = [w for w in peers if w.task_id != task_id]
     now = time.time()
+    # This request's wait so far (a parked one's is in waited_s; one never parked has waited
+    # since it came), and its parked peers': their sum, their number and the longest one
+    # feed the admission rule.
+    own_wait = run.rec.waited_s + (now - run.rec.created_at if run.rec.waiter_seq is None else 0.0)
+    peer_waits = [now - w.since for w in peers]
     result = await svc.fleet.place(
         planner.PlanRequest(
             req.model,
             info.bytes,
             frozenset(reserved - {req.model}),
-            waited_s=run.rec.waited_s
-            + (now - run.rec.created_at if run.rec.waiter_seq is None else 0.0)
-            + sum(now - w.since for w in peers),
+            waited_s=own_wait + sum(peer_waits),
             waiting=1 + len(peers),
+            oldest_s=max([own_wait, *peer_waits]),
         ),
         now,
         svc.settings.policy,
