@@ -260,15 +260,18 @@ class Dispatcher:
         arrives (a fetch that waits to fill its batch would hold the first one back). When
         the request is filled or expires, the next goes out. A request the server lost (a
         restart) is replaced once it should have expired. After `stop`, what still arrives
-        on the open request is handed back at once, until that request has expired."""
+        on the open request is held until that request has expired, then handed back."""
         pause = 0.1
         while not stop.is_set():
+            began = time.monotonic()
             try:
                 await self._consume(stop)
                 return
             except nats.errors.ConnectionClosedError:
                 return
             except Exception as exc:  # reconnecting, server restarting, consumer missing
+                if time.monotonic() - began > 10:
+                    pause = 0.1  # it had been working: a new trouble starts the backoff over
                 log.warning("dispatcher %s: %r; retrying in %.1fs", self.spec.name, exc, pause)
                 await asyncio.sleep(pause)
                 pause = min(5.0, pause * 2)
@@ -283,16 +286,21 @@ class Dispatcher:
         expires_at = 0.0  # when the open request lapses (monotonic)
         wake = asyncio.Event()
         held: list[Msg] = []  # what came after `stop`
+        trouble = ""  # why the consumer must be looked up again
 
         async def arrived(msg: Msg) -> None:
             nonlocal wanted
+            nonlocal trouble
             status = (msg.headers or {}).get("Status") if not msg.data else None
             if status:
                 if status == "100":  # an idle heartbeat: nothing to do
                     return
-                # 404/408: the request ended with this many of its messages not sent;
-                # 409: the server ended it (leadership change, limits). Ask again.
+                # 408: the request expired (the common case, when idle): ask again at once.
+                # Else (409: the server ended it, a leadership change or a limit; 503: no
+                # one answers for the consumer) start over, after a pause, from its info.
                 wanted = 0
+                if status != "408":
+                    trouble = f"pull request answered {status} {msg.headers.get('Description', '')}"
                 wake.set()
                 return
             wanted = max(0, wanted - 1)
@@ -311,6 +319,8 @@ class Dispatcher:
         sub = await nc.subscribe(inbox, cb=arrived)
         try:
             while not stop.is_set():
+                if trouble:
+                    raise RuntimeError(trouble)  # run() pauses, backing off, and starts over
                 now = time.monotonic()
                 free = self.concurrency - len(self._tasks)
                 if (wanted == 0 or now >= expires_at + PULL_GRACE_S) and free > 0:

@@ -787,7 +787,54 @@ async def test_a_lease_taken_on_arrival_is_given_back_when_the_request_does_not_
     await wait_until(
         lambda: len(ends_of(ends, done.task_id)) >= 1, timeout=30, what="the end sent again"
     )
+
     async def no_leases() -> bool:
         return not (await world.node()).models[A].leases
 
     await wait_until(no_leases, timeout=10, what="every lease given back")
+
+
+async def test_a_dispatcher_whose_consumer_goes_away_backs_off_and_resumes_when_it_is_back(
+    fresh_nats_url, caplog
+):
+    """A consumer deleted under a running dispatcher (an operator's mistake, a re-provision):
+    the open pull request's 409 makes the dispatcher look the consumer up again, backing off
+    while it is missing — not a storm of pull requests — and serve again once it is back."""
+    from bench.roundtrips import Tracer
+
+    svc = await open_services(Settings(nats_url=fresh_nats_url), provision=True)
+    got: list[str] = []
+
+    async def deliver(event: Event, attempt: int) -> Done:
+        got.append(event.id)
+        return Done()
+
+    spec = bus.CONSUMERS["cancel"]
+    stop = asyncio.Event()
+    d = Dispatcher(svc.js, spec, deliver)
+    runner = asyncio.create_task(d.run(stop))
+
+    async def pull_open() -> bool:
+        return (await _consumer(svc, "cancel")).num_waiting >= 1
+
+    await wait_until(pull_open, timeout=10, what="the dispatcher's pull request")
+    tracer = Tracer().install()
+    tracer.on = True
+    try:
+        await svc.js.delete_consumer(bus.EVENTS_STREAM, "cancel")
+        await wait_until(
+            lambda: sum("dispatcher cancel" in r.getMessage() for r in caplog.records) >= 3,
+            timeout=20,
+            what="three failed looks at the missing consumer",
+        )
+        pulls = sum(op.kind == "pull" for op in tracer.ops)
+        assert pulls <= 3, f"{pulls} pull requests while the consumer was missing"
+    finally:
+        tracer.uninstall()
+    await bus.provision(svc.js)  # the consumer is back
+    ev = Event("chat.cancel", {"chat_id": "c1", "task_id": "t1"})
+    await bus.publish(svc.js, ev, client="client")
+    await wait_until(lambda: ev.id in got, timeout=20, what="the event served again")
+    stop.set()
+    await runner
+    await svc.close()
