@@ -284,7 +284,8 @@ async def test_sigterm_past_the_drain_timeout_hands_the_chat_to_another_worker(n
         end = await _end_of(svc, ev)
         assert end["type"] == "chat.completed", end
         assert end["data"]["stats"]["attempt"] == 2 and end["data"]["stats"]["tokens"] == 400
-        ends = await stored_ends(svc.js)
+        # The end is stored in the task before it is published: wait for the stream to have it.
+        ends = await wait_until(lambda: stored_ends(svc.js), timeout=10, what="the end stored")
         assert list(ends.values()) == [1], ends
         # No lease is left held on the node by the handed-back run.
         rec, _ = await svc.fleet.get("n1")
