@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bench import planner as bench_planner
-from bench.catalog import load_catalog
+from bench.catalog import load_catalog, traces_dir
 from domain.planner import Candidate, min_cost_cover
 from events import bus
 from events.dispatcher import Dispatcher, in_process
@@ -52,9 +52,14 @@ def test_sched_bench_quick_run_writes_table_csv_and_plots(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "sched.csv").open()))
     assert {r["policy"] for r in rows} == {"ollama", "fewest", "lru", "cost"}
     assert {r["seed"] for r in rows} == {"3", "4"}
-    # the shared workloads and the other ServeGen segments of the report half
-    assert {"azure-zipf-1.0", "servegen-m-mid"} <= {r["workload"] for r in rows}
-    assert len({r["workload"] for r in rows}) == 2 + len(sched.SEGMENTS["report"])
+    # the shared workloads and the other ServeGen segments of the report half (ServeGen's
+    # traces are only in shared/traces, not vendored: without them only azure-zipf runs)
+    workloads = {r["workload"] for r in rows}
+    if (traces_dir() / "servegen" / "servegen_m-mid_clients.csv").is_file():
+        assert {"azure-zipf-1.0", "servegen-m-mid"} <= workloads
+        assert len(workloads) == 2 + len(sched.SEGMENTS["report"])
+    else:
+        assert workloads == {"azure-zipf-1.0"}
     summary = list(csv.DictReader((tmp_path / "sched_summary.csv").open()))
     assert {r["seeds"] for r in summary} == {"2"}
     for r in rows:
