@@ -40,6 +40,7 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
         if t.chat_id == req.chat_id and t.client == client
     ]
     if not found:
+        log.info("cancel: no task %s in chat %s of %s", req.task_id, req.chat_id, client)
         return Done(f"no task {req.task_id} in chat {req.chat_id}")
     for rec in found:
         for _ in range(10):
@@ -66,6 +67,10 @@ async def handle(svc: Services, event: Event, attempt: int) -> Outcome:
             if current.owner is None or current.owner_until < now:
                 # No live run: its redelivery will see the flag and end it as cancelled.
                 log.info("cancel flagged on task_id=%s (no live run)", rec.task_id)
+            else:
+                log.info(
+                    "cancel flagged on task_id=%s for its run (%s)", rec.task_id, current.state
+                )
             break
         else:
             return Retry(0.5, f"task {req.task_id} kept changing")

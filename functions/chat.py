@@ -395,6 +395,11 @@ async def _park(run: Run, event: Event, req: ChatRequested, result: planner.Queu
     await run.save(
         state="queued", reason=result.reason, owner=None, waiter_seq=seq, wake_at=wake_at
     )
+    if run.rec.cancel_requested:
+        # Cancelled while this run held the task (the cancel function only flagged it): a
+        # parked request that nothing wakes would keep that flag unanswered. End it here.
+        await _fail(run, "cancelled", "cancelled while queued")
+        return Done("cancelled")
     log.info("parked task_id=%s model=%s reason=%s", run.rec.task_id, req.model, result.reason)
     if first:
         await warm_for_parked(svc, req.model)
