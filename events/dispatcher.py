@@ -165,6 +165,7 @@ class Dispatcher:
         self.stats = Stats()
         self.ack_wait_s = spec.ack_wait_s  # the consumer's real one, read when run starts
         self._tasks: set[asyncio.Task[None]] = set()
+        self._wake: asyncio.Event | None = None  # the running pull loop's, set by `_consume`
 
     async def dead_letter(self, msg: Msg, reason: str, event: Event | None) -> None:
         """Record the event with the reason on `ollama.deadletter.<consumer>`. A body too big
@@ -349,9 +350,8 @@ class Dispatcher:
 
     def _freed(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        wake = getattr(self, "_wake", None)
-        if wake is not None and len(self._tasks) == self.concurrency - 1:
-            wake.set()  # was full: a slot is free, a request may go out
+        if self._wake is not None and len(self._tasks) == self.concurrency - 1:
+            self._wake.set()  # was full: a slot is free, a request may go out
 
     async def _guarded(self, msg: Msg) -> None:
         try:
