@@ -7,7 +7,8 @@
 - `loading` that outlived the load timeout is dropped, a load no load function took in hand
   (its sender died before publishing it) is re-sent, a stuck `evicting` is re-sent;
 - parked requests: a ghost (its task ended or is gone) is removed, a deferral that ended and a
-  waiter whose run died are woken; anything that freed memory wakes the waiters.
+  waiter whose run died are woken; anything that freed memory wakes the waiters; a head
+  nothing woke for WAKE_SWEEP_S is woken (a wake lost to a bus that did not answer).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ log = logging.getLogger("functions.reconcile")
 EVICT_RESEND_S = 60.0
 LOAD_RESEND_S = 10.0
 NODE_FORGET_S = 600.0
+WAKE_SWEEP_S = 30.0  # a waiting head nothing has woken for this long is planned again
 
 
 def _adopt(model: str, nbytes: int, now: float, keep_alive_s: float):  # type: ignore[no-untyped-def]
@@ -149,6 +151,16 @@ async def reconcile_waiters(svc: Services, now: float) -> list[str]:
         elif rec.state != "queued" and rec.owner_until < now:
             await svc.waiting.wake(w, f"orphan.{int(now // 30)}")
             actions.append(f"woke {w.task_id}: its run stopped")
+        elif (
+            w.head
+            and rec.state == "queued"
+            and rec.wake_at is None
+            and now - rec.updated_at > WAKE_SWEEP_S
+        ):
+            # Nothing has looked at it for a while: a wake may have been lost (a bus that did
+            # not answer, a waker that died between a release and its wake). Plan it again.
+            await svc.waiting.wake(w, f"sweep.{int(now // WAKE_SWEEP_S)}")
+            actions.append(f"woke {w.task_id}: not looked at for {now - rec.updated_at:.0f}s")
     return actions
 
 

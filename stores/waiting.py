@@ -18,13 +18,14 @@ depth (what KEDA scales the runtime pool on: the `waiting` consumer's pending co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from events.bus import WAITING_STREAM
+from events.bus import WAITING_STREAM, wait_out
 from events.codec import Event, to_binary
 from events.keys import decode_name, encode_name
 from events.types import CLIENT_EXTENSION, CLIENT_RE, SUBJECT_PREFIX, subject_for
@@ -34,6 +35,7 @@ WAITING_PREFIX = f"{SUBJECT_PREFIX}.waiting"
 H_TASK, H_SOURCE, H_MODEL, H_SINCE = "Oa-Task", "Oa-Source", "Oa-Model", "Oa-Since"
 H_PRIORITY = "Oa-Priority"
 _OURS = (H_TASK, H_SOURCE, H_MODEL, H_SINCE, H_PRIORITY)
+WAKE_WAIT_S = 15.0  # how long a wake waits out a bus that does not answer
 
 
 def rank(priority: int) -> str:
@@ -55,6 +57,7 @@ class Waiter:
     since: float
     headers: dict[str, str]
     body: bytes
+    head: bool = False  # first of its (priority, model, client): next to be served
 
 
 class Waiting:
@@ -155,7 +158,7 @@ class Waiting:
         for subject in await self.subjects():
             after = 0
             while len(out) < limit and (w := await self._read(subject, after)) is not None:
-                out.append(w)
+                out.append(dataclasses.replace(w, head=True) if after == 0 else w)
                 after = w.seq
         return out
 
@@ -191,8 +194,10 @@ class Waiting:
         while trigger is not None:
             self._next_trigger = None
             try:
-                await self.wake_heads(trigger)
-            except Exception as exc:  # the next release, or reconcile, wakes them
+                # A bus electing a new leader does not answer for a few seconds: a wake lost
+                # there would leave the waiters parked beside free memory. Wait it out.
+                await wait_out(lambda t=trigger: self.wake_heads(t), WAKE_WAIT_S, "waking")
+            except Exception as exc:  # reconcile's sweep wakes them (WAKE_SWEEP_S)
                 log.warning("waking the waiters failed: %r", exc)
             trigger = self._next_trigger
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import nats.js.errors
 import pytest
 
 from agent.node import NodeAgent
@@ -590,6 +591,60 @@ async def test_reconcile_removes_ghost_waiters_and_wakes_ended_deferrals(world):
     outcome = await reconcile.handle(world.svc, Event("fleet.tick", {}), 1)
     assert "removed ghost waiter" in outcome.note
     assert await world.svc.waiting.depth() == 0
+
+
+async def test_a_waiter_whose_wake_was_lost_is_woken_by_reconcile_s_sweep(world):
+    """Found by the cluster fault run (CI): a release's wake failed while the stream elected
+    a new leader, and the waiters stayed parked beside free memory until a keep-alive
+    eviction 5 minutes later happened to wake them."""
+    await load.handle(world.svc, Event("model.load", ModelLoad(model=A).model_dump()), 1)
+    await world.svc.fleet.update(  # A resident and leased: B cannot fit
+        "n1", lambda r: state.take_lease(r, A, "long-task", time.time() + 3600)
+    )
+    s = await world.session(B, max_tokens=4)
+    await wait_until(lambda: _depth_at_least(world, 1), what="B parked")
+
+    async def queued():
+        got = await world.svc.tasks.get(s.event.source, s.event.id)
+        return got.record if got and got.record.state == "queued" else None
+
+    await wait_until(queued, timeout=10, what="B's task queued")
+    # The lease goes, and its wake is lost: nothing but the sweep is left to wake B.
+    await world.svc.fleet.update(
+        "n1", lambda r: state.release_lease(r, A, "long-task", time.time(), 0.0)
+    )
+    # A head looked at just now is left alone (no wake storm every tick) ...
+    assert await reconcile.reconcile_waiters(world.svc, time.time()) == []
+    assert not s.done and await world.svc.waiting.depth() == 1
+    # ... one nothing has looked at for WAKE_SWEEP_S is planned again, and served.
+    later = time.time() + reconcile.WAKE_SWEEP_S + 1
+    actions = await reconcile.reconcile_waiters(world.svc, later)
+    assert len(actions) == 1 and actions[0].startswith(f"woke {s.event.id}"), actions
+
+    async def served() -> bool:  # reconcile's ticks: the admission rule may defer B a moment
+        await reconcile.reconcile_waiters(world.svc, time.time())
+        return s.done
+
+    await wait_until(served, timeout=60, what="B served")
+    result = await s.wait(5)
+    assert result.end.type == "chat.completed", result.end.data
+    assert await world.svc.waiting.depth() == 0
+
+
+async def test_a_wake_the_bus_does_not_answer_is_sent_again(world, monkeypatch):
+    calls: list[str] = []
+    real = world.svc.waiting.wake_heads
+
+    async def flaky(trigger: str, models: set[str] | None = None) -> int:
+        calls.append(trigger)
+        if len(calls) <= 2:  # a stream electing its leader
+            raise nats.js.errors.NoStreamResponseError()
+        return await real(trigger, models)
+
+    monkeypatch.setattr(world.svc.waiting, "wake_heads", flaky)
+    world.svc.waiting.wake_heads_soon("release.t1")
+    await wait_until(lambda: len(calls) >= 3, timeout=10, what="the wake sent again")
+    assert calls == ["release.t1"] * 3
 
 
 async def test_no_node_serving_the_model_is_not_reported_as_too_large(world):
