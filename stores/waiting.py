@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -196,7 +197,7 @@ class Waiting:
             try:
                 # A bus electing a new leader does not answer for a few seconds: a wake lost
                 # there would leave the waiters parked beside free memory. Wait it out.
-                await wait_out(lambda t=trigger: self.wake_heads(t), WAKE_WAIT_S, "waking")
+                await wait_out(functools.partial(self.wake_heads, trigger), WAKE_WAIT_S, "waking")
             except Exception as exc:  # reconcile's sweep wakes them (WAKE_SWEEP_S)
                 log.warning("waking the waiters failed: %r", exc)
             trigger = self._next_trigger
