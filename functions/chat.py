@@ -144,6 +144,27 @@ async def _fail(run: Run, code: str, message: str, text: str = "") -> None:
     )
 
 
+async def _fail_taking_back(run: Run, code: str, message: str, text: str = "") -> None:
+    """`_fail` after the run's work was cancelled mid-write: a write of its own may have
+    landed without its answer (a park's `owner=None`), which the run would then read as
+    taken over, and the end would never be sent. A task nobody owns and not ended is taken
+    back; one another run holds raises Lost (that run sees the flag and ends it)."""
+    for _ in range(3):
+        try:
+            await _fail(run, code, message, text=text)
+            return
+        except Lost:
+            got = await run.svc.tasks.get(run.rec.source, run.rec.task_id)
+            if (
+                got is None
+                or got.record.state in TERMINAL
+                or got.record.owned_by_other(run.run_id, time.time())
+            ):
+                raise
+            run.rec, run.rev = got.record, got.revision  # unowned and not ended: ours again
+    raise Lost(f"task {run.rec.task_id}: could not be taken back to end it")
+
+
 async def resend_end(svc: Services, rec: TaskRecord, same_message: bool) -> None:
     """A request seen again after its end: send the stored end again. A redelivery of the
     same message uses the end's message id (JetStream keeps one); a new message that reuses
@@ -612,7 +633,8 @@ async def _handle(
             with contextlib.suppress(asyncio.CancelledError, Lost):
                 await serving
             text = "".join(run.pieces)
-            await _fail(run, "cancelled", f"cancelled after {len(run.pieces)} tokens", text=text)
+            msg = f"cancelled after {len(run.pieces)} tokens"
+            await _fail_taking_back(run, "cancelled", msg, text=text)
             return Done("cancelled")
         outcome = serving.result()
         if isinstance(outcome, Retry):  # let the redelivery claim it at once

@@ -34,6 +34,7 @@ from functions import entry, evict, load, reconcile
 from functions.services import Services, Settings, open_services
 from runtimes.ollama import OllamaRuntime
 from stores.catalog import ModelInfo
+from stores.tasks import TaskRecord
 
 from .conftest import Collector, wait_until
 
@@ -697,6 +698,38 @@ async def test_cancel_of_a_parked_request_takes_it_out_of_the_queue(world):
     assert rec.state == "failed"
     stop.set()
     await canceller
+
+
+async def test_a_cancel_that_cut_the_run_s_own_write_short_still_ends_the_request(world):
+    """Found by test_cancel_of_a_parked_request (1 run in ~20): the cancel stopped a woken
+    run while its park's write (`owner=None`) was in flight; the write landed, the run never
+    heard, read its own release as a take-over, and sent no end. The task stayed queued."""
+    now = time.time()
+    rec = TaskRecord(
+        task_id=uuid.uuid4().hex, source="test", client="client", chat_id="c1", model=B,
+        state="placing", created_at=now, updated_at=now, owner="run-1", owner_until=now + 15,
+    )  # fmt: skip
+    rev = await world.svc.tasks.create(rec)
+    run = chat_fn.Run(world.svc, rec, rev, "run-1")
+    # The park's write landed, its answer did not: the run still holds the old revision.
+    released = rec.model_copy(update={"state": "queued", "owner": None, "cancel_requested": True})
+    await world.svc.tasks.update(released, rev)
+    events = await Collector().attach(world.svc.nc, "ollama.chat.failed.*")
+    with pytest.raises(chat_fn.Lost):  # what the run did before
+        await chat_fn._fail(chat_fn.Run(world.svc, rec, rev, "run-1"), "cancelled", "x")
+    await chat_fn._fail_taking_back(run, "cancelled", "cancelled after 0 tokens")
+    got = (await world.svc.tasks.get("test", rec.task_id)).record
+    assert got.state == "failed" and got.end["data"]["error"]["code"] == "cancelled"
+    await wait_until(lambda: events.of_type("chat.failed"), what="the end sent")
+    # A task another run holds is that run's to end: not taken from it.
+    other = rec.model_copy(update={"task_id": uuid.uuid4().hex})
+    rev = await world.svc.tasks.create(other)
+    await world.svc.tasks.update(other.model_copy(update={"owner": "run-2"}), rev)
+    with pytest.raises(chat_fn.Lost):
+        await chat_fn._fail_taking_back(
+            chat_fn.Run(world.svc, other, rev, "run-1"), "cancelled", "x"
+        )
+    assert (await world.svc.tasks.get("test", other.task_id)).record.state == "placing"
 
 
 async def test_an_oversized_prompt_is_refused_with_a_short_reason_and_its_client_told(world):
