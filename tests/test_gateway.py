@@ -231,13 +231,12 @@ async def test_unchanged_client_code_works_against_the_gateway(env: Env) -> None
     """Code written for Ollama and for OpenAI, run as is, pointed at the fleet by the
     environment alone (OLLAMA_HOST; OPENAI_BASE_URL)."""
     code = (
-        "import ollama, openai\n"
+        "import json, ollama, openai\n"
         f"r = ollama.chat(model={A!r}, messages=[{{'role': 'user', 'content': 'Hello'}}],"
         " options={'num_predict': 6})\n"
-        "print('ollama:', r.message.content)\n"
         f"c = openai.OpenAI().chat.completions.create(model={A!r}, max_tokens=6,"
         " messages=[{'role': 'user', 'content': 'Hello'}])\n"
-        "print('openai:', c.choices[0].message.content)\n"
+        "print(json.dumps({'ollama': r.message.content, 'openai': c.choices[0].message.content}))\n"
     )
     env_vars = {
         **os.environ,
@@ -256,8 +255,10 @@ async def test_unchanged_client_code_works_against_the_gateway(env: Env) -> None
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
-    lines = out.decode().splitlines()
-    assert re.match(r"ollama:\s+\S", lines[0]) and re.match(r"openai:\s+\S", lines[1]), lines
+    # The answers are sampled text, newlines and all (one began with two blank lines, and
+    # the test read it by line): read them whole.
+    answers = json.loads(out.decode().strip().splitlines()[-1])
+    assert answers["ollama"] and answers["openai"], answers
 
 
 # -- errors, in each API's shape -----------------------------------------------------------------
