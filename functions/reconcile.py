@@ -146,7 +146,9 @@ async def reconcile_waiters(svc: Services, now: float) -> list[str]:
             await svc.waiting.remove(w.seq)
             actions.append(f"removed ghost waiter {w.task_id} ({rec.state if rec else 'no task'})")
         elif rec.state == "queued" and rec.wake_at is not None and rec.wake_at <= now:
-            await svc.waiting.wake(w, f"deferral.{int(rec.wake_at)}")
+            # Named by the deferral itself: a second deferral ending within the same second
+            # as the first is a new wake, not a duplicate of it (JetStream drops those).
+            await svc.waiting.wake(w, f"deferral.{rec.wake_at:.3f}")
             actions.append(f"woke {w.task_id}: its deferral ended")
         elif rec.state != "queued" and rec.owner_until < now:
             await svc.waiting.wake(w, f"orphan.{int(now // 30)}")
@@ -159,7 +161,7 @@ async def reconcile_waiters(svc: Services, now: float) -> list[str]:
         ):
             # Nothing has looked at it for a while: a wake may have been lost (a bus that did
             # not answer, a waker that died between a release and its wake). Plan it again.
-            await svc.waiting.wake(w, f"sweep.{int(now // WAKE_SWEEP_S)}")
+            await svc.waiting.wake(w, f"sweep.{rec.updated_at:.3f}")
             actions.append(f"woke {w.task_id}: not looked at for {now - rec.updated_at:.0f}s")
     return actions
 

@@ -648,6 +648,35 @@ async def test_a_wake_the_bus_does_not_answer_is_sent_again(world, monkeypatch):
     assert calls == ["release.t1"] * 3
 
 
+async def test_two_deferrals_ending_within_one_second_each_wake_their_waiter(fresh_nats_url):
+    """Found by the sweep test on a fresh clone: the deferral's wake was named by its whole
+    second, so a request deferred again (0.1 s) within that second was woken under the same
+    message id, JetStream dropped it as a duplicate, and it stayed parked."""
+    svc = await open_services(Settings(nats_url=fresh_nats_url), provision=True, reconfigure=True)
+    try:  # no chat function runs: the wakes stay in the stream, to be counted
+        ev = _request_of("client", B, 0)
+        now = time.time()
+        seq = await svc.waiting.park(ev, B, 0, now, "client")
+        rec = TaskRecord(
+            task_id=ev.id, source=ev.source, client="client", chat_id="client0", model=B,
+            state="queued", created_at=now, updated_at=now, waiter_seq=seq,
+        )  # fmt: skip
+        rev = await svc.tasks.create(rec)
+        second = float(int(now) + 5)
+        woken = []
+        for wake_at in (second + 0.2, second + 0.4):  # deferred, then deferred again
+            rev = await svc.tasks.update(rec.model_copy(update={"wake_at": wake_at}), rev)
+            actions = await reconcile.reconcile_waiters(svc, wake_at + 0.05)
+            assert actions == [f"woke {ev.id}: its deferral ended"], actions
+            info = await svc.js.stream_info(
+                bus.EVENTS_STREAM, subjects_filter="ollama.chat.requested.>"
+            )
+            woken.append(info.state.messages)
+        assert woken == [1, 2], f"the second wake was dropped as a duplicate: {woken}"
+    finally:
+        await svc.close()
+
+
 async def test_no_node_serving_the_model_is_not_reported_as_too_large(world):
     await world.svc.catalog.put(ModelInfo(name="elsewhere:1b", bytes=GIB))
     s = await world.session("elsewhere:1b")
