@@ -333,7 +333,7 @@ async def _lease_ready(
             made[0] = (
                 None
                 if slot is None or task_id in slot.leases
-                else (new.models[model].leases[task_id])
+                else new.models[model].leases[task_id]
             )
             return new
 

@@ -150,7 +150,7 @@ class Waiting:
         for subject in await self.subjects():
             head = await self._read(subject)
             if head is not None:
-                out.append(head)
+                out.append(dataclasses.replace(head, head=True))
         return out
 
     async def all(self, limit: int = 10_000) -> list[Waiter]:
